@@ -1,0 +1,40 @@
+# mt4ssl: `make demo` (the main job) and `make test`; both set everything up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_TOOLS := espeak-ng flite sox libsndfile1
+
+.PHONY: setup sysdeps demo test bench lock clean-demo
+
+setup: $(STAMP) sysdeps
+
+# The pinned stack (constraints.txt) and the package in editable mode; redone only when
+# pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" wheel setuptools
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,superb]"
+	touch $@
+
+# Debian tools for the synthetic corpus: installed when missing and running as root.
+sysdeps:
+	@bash tools/sysdeps.sh $(DEB_TOOLS)
+
+demo: setup
+	bash recipes/tiny/run.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/offline_targets.py
+
+# Re-pin the tested stack from the current venv.
+lock: $(STAMP)
+	{ echo "# Tested stack (Python 3.11, x86_64). Regenerate with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -vi '^mt4ssl'; } > constraints.txt
+
+clean-demo:
+	rm -rf exp/tiny

@@ -1,0 +1,3 @@
+from mt4ssl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Apply k-means to dumped features and write 50 Hz frame labels: `mt4ssl labels`.
+
+Features at 100 Hz (MFCC) are reduced to the model's 50 Hz explicitly: MFCC frame 2t covers
+samples [320t, 320t + 400), exactly the receptive field of CNN frame t, so label t is the
+cluster of MFCC frame 2t. The count per utterance must then equal the CNN's frame count
+for its sample count; any mismatch is an error naming the utterance, never a silent crop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mt4ssl.data.labels import write_dict
+from mt4ssl.data.manifest import read_manifest
+from mt4ssl.errors import InputError
+from mt4ssl.features.dump import iter_shards
+from mt4ssl.kmeans.learn import KMeansModel
+from mt4ssl.models.cnn import FRAME_RATE, num_frames
+from mt4ssl.utils.io import atomic_open
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, return_distances: bool = False,
+            chunk: int = 1 << 18):
+    """Index of the nearest centroid (squared L2) for each row of x (exact, faiss flat index)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    idx = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), chunk):  # x may be a large memory map: read it in chunks
+        d, i = index.search(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), 1)
+        idx[s:s + chunk], dist[s:s + chunk] = i[:, 0], d[:, 0]
+    return (idx, dist) if return_distances else idx
+
+
+def to_model_rate(labels: np.ndarray, rate: int) -> np.ndarray:
+    """Reduce labels at `rate` Hz (a multiple of 50) to the model's 50 Hz frames."""
+    if rate % FRAME_RATE:
+        raise InputError(f"features at {rate} Hz cannot be reduced to the model's {FRAME_RATE} Hz")
+    return labels[:: rate // FRAME_RATE]
+
+
+def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest_path: Path,
+                out_dir: Path, progress: bool = True) -> dict:
+    """Label every utterance of `split`; write `{split}.km` and `dict.km.txt` atomically.
+
+    `dict.km.txt` lists the symbols 0..K-1 with count 1 (as fairseq's HuBERT recipe writes
+    it), so labelling several splits into one folder writes the same dictionary.
+    """
+    model = KMeansModel.load(km_path)
+    manifest = read_manifest(manifest_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(len(model.centroids), dtype=np.int64)
+    i, frames, t0 = 0, 0, time.time()
+    bar = tqdm(total=len(manifest), desc=f"labels {split}", unit="utt", disable=not progress)
+    with atomic_open(out_dir / f"{split}.km") as f:
+        for shard in iter_shards(feat_dir, split, nshard):
+            if shard.meta["dim"] != model.centroids.shape[1]:
+                raise InputError(f"{km_path}: centroids are {model.centroids.shape[1]}-d, "
+                                 f"features in {feat_dir} are {shard.meta['dim']}-d")
+            if shard.meta["entries"][0] != i:
+                raise InputError(f"{feat_dir}: shard {shard.meta['shard']}/{nshard} starts at entry "
+                                 f"{shard.meta['entries'][0]}, expected {i}")
+            ids = nearest(shard.feats, model.centroids)
+            frames += len(ids)
+            for lab in np.split(ids, np.cumsum(shard.lens)[:-1]):
+                lab = to_model_rate(lab, shard.meta["rate"])
+                expected = num_frames(manifest.sizes[i])
+                if len(lab) != expected:
+                    raise InputError(f"{manifest.where(i)}: {len(lab)} labels at {FRAME_RATE} Hz, "
+                                     f"but the model has {expected} frames for "
+                                     f"{manifest.sizes[i]} samples")
+                counts += np.bincount(lab, minlength=len(counts))
+                f.write(" ".join(map(str, lab.tolist())) + "\n")
+                i += 1
+                bar.update()
+        if i != len(manifest):
+            raise InputError(f"{feat_dir}: shards cover {i} entries, {manifest_path} has {len(manifest)}")
+    bar.close()
+    write_dict(out_dir / "dict.km.txt", len(counts))
+    seconds = time.time() - t0
+    return {"utterances": i, "feature_frames": frames, "seconds": seconds,
+            "frames_per_second": frames / max(seconds, 1e-9), "unused_clusters": int((counts == 0).sum())}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("feat_dir", type=Path, help="feature folder written by `mt4ssl features`")
+    p.add_argument("split", help="split to label")
+    p.add_argument("km", type=Path, help="k-means model written by `mt4ssl kmeans`")
+    p.add_argument("--manifest-dir", type=Path, required=True, help="folder with {split}.tsv")
+    p.add_argument("--out", type=Path, required=True, help="folder for {split}.km + dict.km.txt")
+    p.add_argument("--nshard", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = dump_labels(args.feat_dir, args.split, args.nshard, args.km,
+                    args.manifest_dir / f"{args.split}.tsv", args.out)
+    print(f"{args.out / args.split}.km: {s['utterances']} utterances, "
+          f"{s['feature_frames'] / s['seconds']:.0f} frames/s, {s['unused_clusters']} unused clusters")
+    return 0
