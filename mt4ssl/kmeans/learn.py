@@ -1,7 +1,8 @@
 """Learn k-means centroids on a sample of dumped features: `mt4ssl kmeans`.
 
 Backends:
-  faiss   (default) full-batch Lloyd iterations, several restarts, the best kept.
+  faiss   (default) k-means++ seeding, then full-batch Lloyd iterations in faiss; the
+          best of a few restarts is kept.
   sklearn MiniBatchKMeans with fairseq's `simple_kmeans` settings (k-means++ init,
           n_init 20, batch 10000, max_iter 100, max_no_improvement 100): the parity option.
 The model file is an `.npz` with the centroids and a JSON header (backend, k, feature kind
@@ -60,13 +61,25 @@ def sample_frames(feat_dir: Path, split: str, nshard: int, fraction: float, seed
     return np.concatenate(parts), meta
 
 
-def fit_faiss(x: np.ndarray, k: int, seed: int, niter: int = 50, nredo: int = 3) -> np.ndarray:
+def fit_faiss(x: np.ndarray, k: int, seed: int, niter: int = 50, nredo: int = 2) -> np.ndarray:
+    """Lloyd iterations in faiss from k-means++ seeds (faiss' own init is uniform random,
+    which strands centroids in local minima); the best of `nredo` restarts is kept."""
     import faiss
+    from sklearn.cluster import kmeans_plusplus
 
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, verbose=False,
-                      max_points_per_centroid=max(256, x.shape[0] // k + 1), spherical=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids.astype(np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    best, best_obj = None, np.inf
+    for r in range(nredo):
+        # k-means++ on a subsample: seeding costs O(n k d log k), Lloyd's steps O(n k d).
+        sub = x[rng.choice(len(x), size=min(len(x), 64 * k), replace=False)]
+        init, _ = kmeans_plusplus(sub, k, random_state=seed + r)
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + r, verbose=False,
+                          max_points_per_centroid=len(x) // k + 1)
+        km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+        if km.obj[-1] < best_obj:
+            best, best_obj = km.centroids.copy(), km.obj[-1]
+    return best
 
 
 def fit_sklearn(x: np.ndarray, k: int, seed: int) -> np.ndarray:
