@@ -19,7 +19,7 @@ from mt4ssl.data.labels import write_dict
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.features.dump import iter_shards
-from mt4ssl.kmeans.learn import KMeansModel
+from mt4ssl.kmeans.learn import KMeansModel, limit_threads
 from mt4ssl.models.cnn import FRAME_RATE, num_frames
 from mt4ssl.utils.io import atomic_open
 
@@ -47,7 +47,7 @@ def to_model_rate(labels: np.ndarray, rate: int) -> np.ndarray:
 
 
 def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest_path: Path,
-                out_dir: Path, progress: bool = True) -> dict:
+                out_dir: Path, progress: bool = True, threads: int | None = None) -> dict:
     """Label every utterance of `split`; write `{split}.km` and `dict.km.txt` atomically.
 
     `dict.km.txt` lists the symbols 0..K-1 with count 1 (as fairseq's HuBERT recipe writes
@@ -67,7 +67,8 @@ def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest
             if shard.meta["entries"][0] != i:
                 raise InputError(f"{feat_dir}: shard {shard.meta['shard']}/{nshard} starts at entry "
                                  f"{shard.meta['entries'][0]}, expected {i}")
-            ids = nearest(shard.feats, model.centroids)
+            with limit_threads(threads):
+                ids = nearest(shard.feats, model.centroids)
             frames += len(ids)
             for lab in np.split(ids, np.cumsum(shard.lens)[:-1]):
                 lab = to_model_rate(lab, shard.meta["rate"])
@@ -96,11 +97,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest-dir", type=Path, required=True, help="folder with {split}.tsv")
     p.add_argument("--out", type=Path, required=True, help="folder for {split}.km + dict.km.txt")
     p.add_argument("--nshard", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: the libraries' own, usually all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
     s = dump_labels(args.feat_dir, args.split, args.nshard, args.km,
-                    args.manifest_dir / f"{args.split}.tsv", args.out)
+                    args.manifest_dir / f"{args.split}.tsv", args.out, threads=args.threads)
     print(f"{args.out / args.split}.km: {s['utterances']} utterances, "
           f"{s['feature_frames'] / s['seconds']:.0f} frames/s, {s['unused_clusters']} unused clusters")
     return 0

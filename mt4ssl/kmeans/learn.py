@@ -12,6 +12,7 @@ and rate, sampled frames, inertia per frame on the sample).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -61,6 +62,24 @@ def sample_frames(feat_dir: Path, split: str, nshard: int, fraction: float, seed
     return np.concatenate(parts), meta
 
 
+@contextlib.contextmanager
+def limit_threads(n: int | None):
+    """Run faiss (OpenMP) and BLAS/OpenMP pools of numpy, scipy, scikit-learn on n threads."""
+    if n is None:
+        yield
+        return
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def fit_faiss(x: np.ndarray, k: int, seed: int, niter: int = 50, nredo: int = 2) -> np.ndarray:
     """Lloyd iterations in faiss from k-means++ seeds (faiss' own init is uniform random,
     which strands centroids in local minima); the best of `nredo` restarts is kept."""
@@ -104,19 +123,21 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def learn(feat_dir: Path, split: str, nshard: int, k: int, out: Path, backend: str = "faiss",
-          fraction: float = 0.1, seed: int = 0) -> KMeansModel:
+          fraction: float = 0.1, seed: int = 0, threads: int | None = None) -> KMeansModel:
     x, feat_meta = sample_frames(feat_dir, split, nshard, fraction, seed)
     if x.shape[0] < k:
         raise InputError(f"{feat_dir}: {x.shape[0]} sampled frames are fewer than k={k} clusters "
                          f"(raise --fraction or use more data)")
-    t0 = time.time()
-    centroids = BACKENDS[backend](x, k, seed)
-    model = KMeansModel(centroids, {
-        "backend": backend, "k": k, "dim": int(x.shape[1]), "kind": feat_meta["kind"],
-        "rate": feat_meta["rate"], "split": split, "fraction": fraction, "seed": seed,
-        "frames": int(x.shape[0]), "fit_seconds": round(time.time() - t0, 2),
-        "inertia_per_frame": inertia(x, centroids),
-    })
+    with limit_threads(threads):
+        t0 = time.time()
+        centroids = BACKENDS[backend](x, k, seed)
+        fit_seconds = time.time() - t0
+        model = KMeansModel(centroids, {
+            "backend": backend, "k": k, "dim": int(x.shape[1]), "kind": feat_meta["kind"],
+            "rate": feat_meta["rate"], "split": split, "fraction": fraction, "seed": seed,
+            "frames": int(x.shape[0]), "fit_seconds": round(fit_seconds, 2),
+            "inertia_per_frame": inertia(x, centroids),
+        })
     model.save(out)
     return model
 
@@ -130,13 +151,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=sorted(BACKENDS), default="faiss")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of frames to fit on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: the libraries' own, usually all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.clusters < 2:
         raise InputError(f"-k {args.clusters}: need at least 2 clusters")
     m = learn(args.feat_dir, args.split, args.nshard, args.clusters, args.out, args.backend,
-              args.fraction, args.seed)
+              args.fraction, args.seed, args.threads)
     print(f"{args.out}: k={m.meta['k']} on {m.meta['frames']} frames ({m.meta['backend']}, "
           f"{m.meta['fit_seconds']} s), inertia/frame {m.meta['inertia_per_frame']:.3f}")
     return 0

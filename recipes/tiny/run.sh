@@ -25,12 +25,7 @@ t_start=$(date +%s)
 
 if step 0; then
   say 0 "synthetic corpus -> $corpus"
-  if [ -f "$corpus/.mt4ssl-synth.json" ] && grep -q "\"hours\": $hours," "$corpus/.mt4ssl-synth.json" \
-     && grep -q "\"seed\": $seed," "$corpus/.mt4ssl-synth.json"; then
-    echo "already there, kept"
-  else
-    $MT4SSL synth-corpus --out "$corpus" --hours "$hours" --seed "$seed"
-  fi
+  $MT4SSL synth-corpus --out "$corpus" --hours "$hours" --seed "$seed"  # kept if already complete
 fi
 
 if step 1; then

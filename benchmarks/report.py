@@ -1,0 +1,37 @@
+"""Write one benchmark's section of results/perf.md, keeping the other sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+from mt4ssl.utils.io import atomic_write_text
+
+PERF = Path(__file__).resolve().parent.parent / "results" / "perf.md"
+HEADER = "# Performance measurements\n\nEach section was printed by the command it names.\n"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_section(name: str, command: str, body: str, path: Path = PERF) -> None:
+    text = path.read_text() if path.exists() else HEADER
+    section = (f"<!-- begin {name} -->\n## {name}\n\nCommand: `{command}`  \n"
+               f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}\n\n{body.strip()}\n"
+               f"<!-- end {name} -->\n")
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->\n",
+                         re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
+    atomic_write_text(path, text)
