@@ -1,0 +1,48 @@
+"""The one interface every prediction target implements.
+
+A target reads the student's last-layer output at the masked frames and returns a loss
+SUMMED over those frames plus a few values to log. The trainer adds the targets' weighted
+losses and divides by the number of masked frames summed over all workers, as fairseq does
+with `sample_size`. Adding a target kind = one file with a `Target` subclass and its frozen
+config dataclass, registered in `mt4ssl/targets/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TargetBatch:
+    """What a target may look at besides the student's output, for one batch.
+
+    features: (B, T, C) projected CNN features before input dropout and masking (the EMA
+        teacher's input).
+    padding_mask: (B, T) bool, True = padding frame; None when nothing is padded.
+    mask: (B, T) bool, True = masked frame; masked frames are never padding.
+    labels: label-set name -> (B, T) int64 frame labels (e.g. k-means cluster ids).
+    """
+
+    features: torch.Tensor
+    padding_mask: torch.Tensor | None
+    mask: torch.Tensor
+    labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Target(nn.Module, abc.ABC):
+    """A prediction target at the masked frames; owns its prediction head(s)."""
+
+    weight: float = 1.0
+
+    @abc.abstractmethod
+    def loss(self, x: torch.Tensor, batch: TargetBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x: (N, C) student output at the N masked frames (in `batch.mask` order).
+        Returns (loss summed over the N frames, {log name: scalar tensor})."""
+
+    def step(self, student_encoder: nn.Module, num_updates: int) -> None:
+        """Called once after every optimizer update (the EMA teacher updates itself here)."""
