@@ -29,6 +29,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	bash recipes/tiny/run.sh --stop-stage 2
 	$(PY) benchmarks/offline_targets.py
 
 # Re-pin the tested stack from the current venv.
