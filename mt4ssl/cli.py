@@ -20,6 +20,8 @@ COMMANDS = {
     "features": ("mt4ssl.features.dump", "dump MFCC features of a manifest, sharded and resumable"),
     "kmeans": ("mt4ssl.kmeans.learn", "learn k-means centroids on a sample of dumped features"),
     "labels": ("mt4ssl.kmeans.apply", "apply k-means: write 50 Hz {split}.km + dict.km.txt"),
+    "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
+    "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
 }
 
 

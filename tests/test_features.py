@@ -72,7 +72,7 @@ def test_finished_shard_is_not_recomputed(manifests, tmp_path, monkeypatch):
     kind = dump.mfcc_kind(None)
     dump.dump_shard(kind, manifests / "train.tsv", feats, "train", 0, 2, progress=False)
     before = (feats / "train_0_2.npy").stat().st_mtime_ns
-    exploding = dump.FeatureKind("mfcc", 100, 39, mfcc.num_frames, lambda w: 1 / 0)
+    exploding = dump.FeatureKind("mfcc", 100, 39, mfcc.num_frames, lambda w: [1 / 0])
     dump.dump_shard(exploding, manifests / "train.tsv", feats, "train", 0, 2, progress=False)
     assert (feats / "train_0_2.npy").stat().st_mtime_ns == before
 
@@ -85,7 +85,7 @@ def test_interrupted_shard_leaves_nothing_and_reruns(manifests, tmp_path):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return mfcc.mfcc39(wav)
+        return [mfcc.mfcc39(wav)]
 
     kind = dump.FeatureKind("mfcc", 100, 39, mfcc.num_frames, flaky)
     with pytest.raises(KeyboardInterrupt):

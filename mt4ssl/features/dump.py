@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -28,15 +28,19 @@ from mt4ssl.utils.io import atomic_open, atomic_write_text
 
 @dataclass(frozen=True)
 class FeatureKind:
+    """What to dump: `compute(wav)` returns one (frames, dim) array per output; output j
+    goes to the sub-folder `outputs[j]` of the feature folder ("" = the folder itself)."""
+
     name: str
     rate: int  # frames per second
     dim: int
     num_frames: Callable[[int], int]
-    compute: Callable[[np.ndarray], np.ndarray]
+    compute: Callable[[np.ndarray], Sequence[np.ndarray]]
+    outputs: tuple[str, ...] = ("",)
 
 
-def mfcc_kind(args: argparse.Namespace) -> FeatureKind:
-    return FeatureKind("mfcc", mfcc.RATE, mfcc.DIM, mfcc.num_frames, mfcc.mfcc39)
+def mfcc_kind(args: argparse.Namespace | None = None) -> FeatureKind:
+    return FeatureKind("mfcc", mfcc.RATE, mfcc.DIM, mfcc.num_frames, lambda wav: [mfcc.mfcc39(wav)])
 
 
 KINDS: dict[str, Callable[[argparse.Namespace], FeatureKind]] = {"mfcc": mfcc_kind}
@@ -55,11 +59,11 @@ def shard_prefix(feat_dir: Path, split: str, shard: int, nshard: int) -> Path:
 
 def dump_shard(kind: FeatureKind, manifest_path: Path, feat_dir: Path, split: str,
                shard: int = 0, nshard: int = 1, progress: bool = True) -> Path:
-    """Compute and write one shard unless it is already finished; return its prefix."""
-    prefix = shard_prefix(feat_dir, split, shard, nshard)
-    done = prefix.with_suffix(".json")
-    if done.exists():
-        return prefix
+    """Compute and write one shard (of every output) unless it is finished; return the
+    prefix of the first output."""
+    prefixes = [shard_prefix(Path(feat_dir) / out, split, shard, nshard) for out in kind.outputs]
+    if all(p.with_suffix(".json").exists() for p in prefixes):
+        return prefixes[0]
     manifest = read_manifest(manifest_path)
     start, end = shard_range(len(manifest), shard, nshard)
     lens = [kind.num_frames(n) for n in manifest.sizes[start:end]]
@@ -67,36 +71,41 @@ def dump_shard(kind: FeatureKind, manifest_path: Path, feat_dir: Path, split: st
         if n == 0:
             raise InputError(f"{manifest.where(i)}: {manifest.sizes[i]} samples are too short "
                              f"for one {kind.name} frame")
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    # Frames are known from the sample counts: fill a memory-mapped array, then rename it.
-    npy = prefix.with_suffix(".npy")
-    tmp = npy.with_name(f".{npy.name}.tmp")
+    # Frames are known from the sample counts: fill memory-mapped arrays, then rename them.
+    npys = [p.with_suffix(".npy") for p in prefixes]
+    tmps = [npy.with_name(f".{npy.name}.tmp") for npy in npys]
     t0 = time.time()
     try:
-        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                          shape=(sum(lens), kind.dim))
+        feats = []
+        for tmp in tmps:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            feats.append(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                   shape=(sum(lens), kind.dim)))
         offset = 0
         for i, n in zip(tqdm(range(start, end), desc=f"{kind.name} {split} {shard}/{nshard}",
                              unit="utt", disable=not progress), lens):
-            x = kind.compute(manifest.read(i))
-            if x.shape != (n, kind.dim):
-                raise RuntimeError(f"{manifest.where(i)}: {kind.name} gave {x.shape}, "
-                                   f"expected {(n, kind.dim)}")
-            feats[offset:offset + n] = x
+            for out, x in zip(feats, kind.compute(manifest.read(i)), strict=True):
+                if x.shape != (n, kind.dim):
+                    raise RuntimeError(f"{manifest.where(i)}: {kind.name} gave {x.shape}, "
+                                       f"expected {(n, kind.dim)}")
+                out[offset:offset + n] = x
             offset += n
-        feats.flush()
+        for out, tmp, npy in zip(feats, tmps, npys):
+            out.flush()
+            tmp.replace(npy)
         del feats
-        tmp.replace(npy)
     finally:
-        tmp.unlink(missing_ok=True)
-    with atomic_open(prefix.with_suffix(".len")) as f:
-        f.writelines(f"{n}\n" for n in lens)
-    atomic_write_text(done, json.dumps({
-        "kind": kind.name, "rate": kind.rate, "dim": kind.dim, "split": split,
-        "manifest": str(Path(manifest_path).resolve()), "shard": shard, "nshard": nshard,
-        "entries": [start, end], "frames": int(sum(lens)), "seconds": round(time.time() - t0, 2),
-    }, indent=1) + "\n")
-    return prefix
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    for prefix in prefixes:
+        with atomic_open(prefix.with_suffix(".len")) as f:
+            f.writelines(f"{n}\n" for n in lens)
+        atomic_write_text(prefix.with_suffix(".json"), json.dumps({
+            "kind": kind.name, "rate": kind.rate, "dim": kind.dim, "split": split,
+            "manifest": str(Path(manifest_path).resolve()), "shard": shard, "nshard": nshard,
+            "entries": [start, end], "frames": int(sum(lens)), "seconds": round(time.time() - t0, 2),
+        }, indent=1) + "\n")
+    return prefixes[0]
 
 
 @dataclass(frozen=True)
