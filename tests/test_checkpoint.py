@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mt4ssl.cli import main
+from mt4ssl.config import config_from_dict, config_to_dict
 from mt4ssl.data.labels import read_labels
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
@@ -67,10 +68,10 @@ def test_bad_checkpoints_and_config_keys(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="other.pt: not an mt4ssl checkpoint"):
         checkpoint.load_model(tmp_path / "other.pt")
-    data = checkpoint.config_to_dict(small())
+    data = config_to_dict(small())
     data["teacher"]["topk"] = 3
     with pytest.raises(InputError, match=r"model_config\.teacher: unknown key\(s\) \['topk'\]"):
-        checkpoint.config_from_dict(ModelConfig, data, "model_config")
+        config_from_dict(ModelConfig, data, "model_config")
 
 
 def fairseq_model_cfg(name, cfg: ModelConfig):

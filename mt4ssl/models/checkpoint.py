@@ -12,43 +12,16 @@ file intact.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from pathlib import Path
 
 import torch
 
+from mt4ssl.config import config_from_dict, config_to_dict
 from mt4ssl.errors import InputError
 from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig
 from mt4ssl.utils.io import atomic_open
 
 FORMAT, VERSION = "mt4ssl", 1
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def config_from_dict(cls, data: dict, where: str = "config"):
-    """Rebuild a (nested, frozen) config dataclass; an unknown key is an error naming it."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = config_from_dict(hints[key], value, f"{where}.{key}")
-        else:
-            kwargs[key] = _tuples(value)
-    return cls(**kwargs)
 
 
 def save_checkpoint(path: str | Path, model: MT4SSL, **extra) -> None:

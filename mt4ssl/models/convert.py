@@ -310,7 +310,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mt4ssl.models.checkpoint import config_to_dict, save_checkpoint
+    from mt4ssl.config import config_to_dict
+    from mt4ssl.models.checkpoint import save_checkpoint
 
     if args.source == "fairseq":
         model, mapped, left_out = convert_fairseq(load_fairseq_checkpoint(args.src, args.trust_pickle),
