@@ -84,7 +84,7 @@ def config_from_dict(cls, data, where: str = "config"):
         raise InputError(f"{where}: missing required key(s) {missing}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, InputError) as e:
         raise InputError(f"{where}: {e}") from None
 
 

@@ -1,0 +1,126 @@
+"""The pretraining config: `mt4ssl pretrain CONFIG.yaml [key=value ...]`.
+
+Sections (all keys optional except data.manifest_dir and run.out_dir):
+  model   a preset name plus field overrides of `ModelConfig` (mt4ssl/models/mt4ssl.py)
+  data    manifests, label sets, batching
+  optim   optimizer and learning-rate schedule
+  run     updates, precision, devices, logging, checkpoints
+  launch  where it runs: local (this process / torchrun) or SLURM through submitit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from mt4ssl.config import config_from_dict, config_to_dict
+from mt4ssl.errors import InputError
+from mt4ssl.models.mt4ssl import PRESETS, ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest_dir: str  # folder with {split}.tsv
+    train_split: str = "train"
+    labels: dict[str, str] = field(default_factory=dict)  # label-set name -> folder of {split}.km
+    max_tokens: int = 3_800_000  # samples per batch (batch size x longest utterance)
+    min_samples: int = 32_000  # shorter utterances are skipped
+    max_samples: int = 320_000  # longer ones are cropped (from the start)
+    batch_mode: str = "crop"  # crop every utterance to the batch's shortest, or "pad"
+    num_workers: int = 4  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"  # fairseq's "adam" decouples weight decay: that is AdamW
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    schedule: str = "tri_stage"  # tri_stage | polynomial | cosine | constant
+    phase_ratio: tuple[float, float, float] = (0.03, 0.9, 0.07)  # tri_stage: warm-up, hold, decay
+    warmup_ratio: float = 0.03  # polynomial / cosine
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.01
+    clip_norm: float = 0.0  # 0: no clipping (the paper's setting)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str
+    max_updates: int = 400_000
+    update_freq: int = 1  # gradient accumulation: simulates update_freq x more GPUs
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    seed: int = 1
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    compile: bool = False  # torch.compile the model
+    log_interval: int = 200  # updates between log lines
+    save_interval: int = 25_000  # updates between numbered checkpoints
+    keep_last: int = 1  # numbered checkpoints kept besides the first and checkpoint_last
+    collapse_after: int = 5000  # the collapse guard starts after this many updates
+    min_target_std: float = 0.1
+    min_pred_std: float = 0.01
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    launcher: str = "local"  # local | slurm
+    profile: str = ""  # slurm/<profile>.yaml: partition, account, qos, constraint, ...
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU; SLURM tasks per node = max(1, gpus_per_node)
+    cpus_per_task: int = 10
+    mem_gb: int = 0  # 0: the profile's / cluster default
+    timeout_min: int = 4320
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    max_requeues: int = 20
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch parameters
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: DataConfig
+    run: RunConfig
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "base"})
+    optim: OptimConfig = OptimConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    def __post_init__(self):
+        choices = {("run.precision", self.run.precision): ("fp32", "bf16", "fp16"),
+                   ("run.device", self.run.device.split(":")[0]): ("auto", "cpu", "cuda"),
+                   ("data.batch_mode", self.data.batch_mode): ("crop", "pad"),
+                   ("optim.optimizer", self.optim.optimizer): ("adamw", "adam"),
+                   ("optim.schedule", self.optim.schedule): ("tri_stage", "polynomial", "cosine", "constant"),
+                   ("launch.launcher", self.launch.launcher): ("local", "slurm")}
+        for (key, value), allowed in choices.items():
+            if value not in allowed:
+                raise InputError(f"{key}: {value!r} is not one of {allowed}")
+        for key, value in (("run.max_updates", self.run.max_updates), ("run.update_freq", self.run.update_freq),
+                           ("data.max_tokens", self.data.max_tokens), ("run.log_interval", self.run.log_interval),
+                           ("run.save_interval", self.run.save_interval)):
+            if value < 1:
+                raise InputError(f"{key}: {value} must be at least 1")
+        if abs(sum(self.optim.phase_ratio) - 1) > 1e-6:
+            raise InputError(f"optim.phase_ratio {self.optim.phase_ratio} must sum to 1")
+        self.model_config()  # fail early on a bad model section
+
+    def model_config(self) -> ModelConfig:
+        """The model section: a preset with its fields overridden (nested sections merge)."""
+        spec = dict(self.model)
+        preset = spec.pop("preset", "base")
+        if preset not in PRESETS:
+            raise InputError(f"model.preset {preset!r}: choose one of {sorted(PRESETS)}")
+        merged = config_to_dict(PRESETS[preset])
+        for key, value in spec.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return config_from_dict(ModelConfig, merged, "model")
+
+    def replace(self, **sections) -> "PretrainConfig":
+        return dataclasses.replace(self, **sections)
