@@ -20,6 +20,7 @@ COMMANDS = {
     "features": ("mt4ssl.features.dump", "dump MFCC features of a manifest, sharded and resumable"),
     "kmeans": ("mt4ssl.kmeans.learn", "learn k-means centroids on a sample of dumped features"),
     "labels": ("mt4ssl.kmeans.apply", "apply k-means: write 50 Hz {split}.km + dict.km.txt"),
+    "pretrain": ("mt4ssl.train.pretrain", "pretrain MT4SSL / HuBERT-like / data2vec-like from a YAML config"),
     "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
 }

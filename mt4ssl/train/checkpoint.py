@@ -1,0 +1,69 @@
+"""Training checkpoints in `{out_dir}/checkpoints/`.
+
+    checkpoint_<updates>.pt   every `save_interval` updates; the first and the last
+                              `keep_last` are kept
+    checkpoint_last.pt        the newest state, always a complete file
+
+Every file is written atomically (temporary file, fsync, rename), so a kill during a save
+leaves the previous files intact; checkpoint_last is a hard link to the newest numbered
+file when there is one (no second write of a multi-GB file). The format is the model
+checkpoint's (`mt4ssl.models.checkpoint`) plus the training state, so `load_model`,
+`mt4ssl extract` and the s3prl upstream read training checkpoints directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from mt4ssl.models.checkpoint import FORMAT, VERSION, load_checkpoint
+from mt4ssl.utils.io import atomic_open
+
+LAST = "checkpoint_last.pt"
+NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+class CheckpointDir:
+    def __init__(self, folder: str | Path, keep_last: int = 1):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    @property
+    def last(self) -> Path:
+        return self.folder / LAST
+
+    def numbered(self) -> list[tuple[int, Path]]:
+        found = [(int(m.group(1)), p) for p in self.folder.glob("checkpoint_*.pt")
+                 if (m := NUMBERED.match(p.name))]
+        return sorted(found)
+
+    def save(self, state: dict, updates: int, numbered: bool) -> Path:
+        """Write `state`; as checkpoint_<updates>.pt too when `numbered`. Returns the path."""
+        state = {"format": FORMAT, "version": VERSION, **state}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not numbered:
+            with atomic_open(self.last, "wb") as f:
+                torch.save(state, f)
+            return self.last
+        path = self.folder / f"checkpoint_{updates}.pt"
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+        link = self.folder / f".{LAST}.link"
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, self.last)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        files = self.numbered()
+        keep = {files[0][1], *(p for _, p in files[-self.keep_last:])} if files else set()
+        for _, p in files:
+            if p not in keep:
+                p.unlink()
+
+    def load_last(self, map_location="cpu") -> dict | None:
+        return load_checkpoint(self.last, map_location) if self.last.exists() else None

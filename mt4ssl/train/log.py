@@ -1,0 +1,53 @@
+"""Training logs: a JSON line per log step (`log.jsonl`), TensorBoard scalars (`tb/`), and a
+progress line on the terminal (a tqdm bar when interactive, plain log lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("mt4ssl.train")
+
+
+class TrainLog:
+    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = open(Path(out_dir) / "log.jsonl", "a")
+        self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        self.bar = tqdm(total=total, initial=start, unit="upd", desc="pretrain",
+                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for key, value in row.items():
+            if key != "update" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"train/{key}", value, row["update"])
+        self.tb.flush()
+        shown = {k: row[k] for k in ("loss", "loss_kmeans", "loss_teacher", "lr", "target_std",
+                                     "audio_s_per_s") if k in row}
+        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        if self.bar.disable:
+            log.info("update %d/%d %s", row["update"], self.bar.total, text)
+        else:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.jsonl.close()
+            self.tb.close()

@@ -1,0 +1,266 @@
+"""Pretraining: config errors, schedules, gradient accumulation and DDP equivalence, exact
+resume after a signal, atomic checkpoints under SIGKILL, fp16 overflow skipping, the
+collapse guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mt4ssl.cli import main
+from mt4ssl.config import load_config
+from mt4ssl.data.dataset import collate
+from mt4ssl.errors import InputError
+from mt4ssl.models.cnn import num_frames
+from mt4ssl.targets import TrainingCollapsed
+from mt4ssl.train import distributed, pretrain
+from mt4ssl.train.checkpoint import CheckpointDir
+from mt4ssl.train.config import OptimConfig, PretrainConfig
+from mt4ssl.train.schedule import lr_multiplier
+from tests.conftest import write_tree
+
+SMALL_MODEL = [
+    "model.preset=tiny", "model.embed_dim=32", "model.ffn_dim=64", "model.num_heads=4",
+    "model.num_layers=2", "model.pos_conv_groups=4", "model.teacher.top_k=2",
+    "model.conv_layers=[[32,10,5],[32,3,2],[32,3,2],[32,3,2],[32,3,2],[32,2,2],[32,2,2]]",
+    "model.dropout=0.0", "model.attention_dropout=0.0", "model.layerdrop=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Manifest + 50 Hz MFCC k-means labels of a small generated tree."""
+    root = tmp_path_factory.mktemp("train")
+    write_tree(root / "libri", {"train": [32001, 40007, 48319, 35555, 57603, 33333, 36000, 41000]})
+    m, f, lab = root / "m", root / "f", root / "lab"
+    assert main(["manifest", str(root / "libri"), "--out", str(m)]) == 0
+    assert main(["features", "mfcc", str(m), "train", str(f)]) == 0
+    assert main(["kmeans", str(f), "train", str(lab / "km.npz"), "-k", "8", "--fraction", "1"]) == 0
+    assert main(["labels", str(f), "train", str(lab / "km.npz"), "--manifest-dir", str(m), "--out", str(lab)]) == 0
+    return root
+
+
+def make_cfg(prepared: Path, out: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [
+        f"data.manifest_dir={prepared / 'm'}", f"data.labels={{km: {prepared / 'lab'}}}",
+        "data.max_tokens=100000", "data.num_workers=0", f"run.out_dir={out}", "run.max_updates=6",
+        "run.log_interval=1", "run.save_interval=100", "run.device=cpu", "optim.lr=1e-3",
+        "optim.phase_ratio=[0.5,0.3,0.2]", *SMALL_MODEL, *overrides])
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key_and_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {manifest_dir: m}\nrun: {out_dir: o, max_updatez: 3}\n")
+    assert main(["pretrain", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml.run: unknown key(s) ['max_updatez']" in err and "max_updates" in err
+    with pytest.raises(InputError, match=r"run\.precision: 'fp8' is not one of"):
+        load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "run.precision=fp8"])
+    with pytest.raises(InputError, match=r"missing required key\(s\) \['data'\]"):
+        load_config(PretrainConfig, None, ["run.out_dir=o"])
+    with pytest.raises(InputError, match=r"optim\.lr: expected float, got 'fast'"):
+        load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "optim.lr=fast"])
+    with pytest.raises(InputError, match=r"model\.teacher: unknown key\(s\) \['topk'\]"):
+        load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "model.teacher.topk=2"])
+    with pytest.raises(InputError, match="expected key=value"):
+        load_config(PretrainConfig, None, ["run.out_dir"])
+
+
+def test_tri_stage_schedule_matches_fairseq_formula():
+    f = lr_multiplier(OptimConfig(phase_ratio=(0.1, 0.5, 0.4), init_lr_scale=0.01, final_lr_scale=0.05), 1000)
+    assert f(0) == pytest.approx(0.01)
+    assert f(50) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(100) == f(599) == 1.0
+    assert f(800) == pytest.approx(math.exp(math.log(0.05) * 200 / 400))
+    assert f(1000) == pytest.approx(0.05) and f(5000) == pytest.approx(0.05)
+    cos = lr_multiplier(OptimConfig(schedule="cosine", warmup_ratio=0.1, final_lr_scale=0.0), 100)
+    assert cos(5) == pytest.approx(0.5) and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------- equivalence
+
+
+def fixed_batches(trainer, ids: list[int], per_batch: int) -> list[dict]:
+    """Items cropped to one length, with fixed masks, split into batches of `per_batch`."""
+    items = [trainer.dataset[i] for i in ids]
+    n = min(len(it["wav"]) for it in items)
+    items = [{"id": it["id"], "wav": it["wav"][:n],
+              "labels": {k: v[:num_frames(n)] for k, v in it["labels"].items()}} for it in items]
+    whole = collate(items, mode="crop")
+    with torch.no_grad():
+        feats, _ = trainer.model.features(whole["wav"])
+    torch.manual_seed(123)
+    masks = trainer.model.sample_mask(feats, None)
+    return [dict(collate(items[s:s + per_batch], mode="crop"), mask=masks[s:s + per_batch])
+            for s in range(0, len(items), per_batch)]
+
+
+def grads(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_one_big_batch(prepared, tmp_path):
+    d = distributed.Dist()
+    one = pretrain.Trainer(make_cfg(prepared, tmp_path / "a"), d)
+    two = pretrain.Trainer(make_cfg(prepared, tmp_path / "b", "run.update_freq=2"), d)
+    big = one.accumulate(fixed_batches(one, [0, 1, 2, 3], 4))
+    small = two.accumulate(fixed_batches(two, [0, 1, 2, 3], 2))
+    assert big["sample_size"] == small["sample_size"] > 0
+    assert big["loss"] == pytest.approx(small["loss"], rel=1e-5)
+    g1, g2 = grads(one), grads(two)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _ddp_worker(rank: int, prepared: str, out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = distributed.setup("cpu")
+    trainer = pretrain.Trainer(make_cfg(Path(prepared), Path(out) / "ddp"), d)
+    batches = fixed_batches(trainer, [0, 1, 2, 3], 2)
+    stats = trainer.accumulate([batches[rank]])  # each worker holds half of the global batch
+    torch.save({"grads": grads(trainer), "stats": stats}, Path(out) / f"rank{rank}.pt")
+    trainer.step(stats)
+    torch.save({n: p.detach().clone() for n, p in trainer.model.state_dict().items()},
+               Path(out) / f"params{rank}.pt")
+    distributed.teardown(d)
+
+
+def test_ddp_two_gloo_workers_equal_one_process(prepared, tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
+    single = pretrain.Trainer(make_cfg(prepared, tmp_path / "single"), distributed.Dist())
+    stats = single.accumulate(fixed_batches(single, [0, 1, 2, 3], 4))
+    want = grads(single)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["stats"]["sample_size"] == stats["sample_size"]
+        for name, g in want.items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    single.step(stats)
+    p0, p1 = torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt")
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(p0[name], p1[name], rtol=0, atol=0, msg=name)  # ranks agree exactly
+        torch.testing.assert_close(p0[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["update"]: r["loss"] for r in rows}
+
+
+def test_interrupted_run_resumes_exactly(prepared, tmp_path, monkeypatch):
+    straight = pretrain.train(make_cfg(prepared, tmp_path / "straight", "data.num_workers=1"))
+    assert straight["num_updates"] == 6
+
+    real_step = pretrain.Trainer.train_step
+
+    def step_then_signal(self, batches):
+        stats = real_step(self, batches)
+        if self.num_updates == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as `scancel --signal=USR1` or a preemption
+        return stats
+
+    monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    cfg = make_cfg(prepared, tmp_path / "resumed", "data.num_workers=1")
+    with pytest.raises(pretrain.Preempted, match="stopped by SIGUSR1 at update 3"):
+        pretrain.train(cfg)
+    saved = torch.load(tmp_path / "resumed/checkpoints/checkpoint_last.pt", weights_only=True)
+    assert saved["num_updates"] == 3 and saved["sampler"]["consumed"] == 3
+    monkeypatch.setattr(pretrain.Trainer, "train_step", real_step)
+    assert pretrain.train(cfg)["num_updates"] == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exactly, update by update
+    a = torch.load(tmp_path / "straight/checkpoints/checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/checkpoint_last.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert (tmp_path / "resumed/config.yaml").exists() and any((tmp_path / "resumed/tb").iterdir())
+
+
+def test_resume_refuses_another_model(prepared, tmp_path):
+    pretrain.train(make_cfg(prepared, tmp_path / "run", "run.max_updates=1"))
+    with pytest.raises(InputError, match=r"checkpoint_last.pt: made with another model config .*'embed_dim'"):
+        pretrain.Trainer(make_cfg(prepared, tmp_path / "run", "model.embed_dim=64", "model.ffn_dim=128"),
+                         distributed.Dist())
+
+
+def test_checkpoint_survives_a_kill_during_save(tmp_path):
+    child = textwrap.dedent(f"""
+        import time, torch
+        from mt4ssl.train.checkpoint import CheckpointDir
+        ckpt = CheckpointDir({str(tmp_path)!r})
+        ckpt.save({{"num_updates": 1, "w": torch.ones(1000)}}, 1, numbered=True)
+        real_save = torch.save
+        def slow_save(obj, f):
+            f.write(b"x" * 100000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        torch.save = slow_save
+        ckpt.save({{"num_updates": 2, "w": torch.zeros(1000)}}, 2, numbered=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()  # SIGKILL in the middle of writing checkpoint 2
+    proc.wait()
+    state = CheckpointDir(tmp_path).load_last()
+    assert state["num_updates"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_1.pt", "checkpoint_last.pt"]
+    # the next save cleans nothing it should not and keeps the first and the last
+    ckpt = CheckpointDir(tmp_path, keep_last=1)
+    for n in (2, 3, 4):
+        ckpt.save({"num_updates": n}, n, numbered=True)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == [
+        "checkpoint_1.pt", "checkpoint_4.pt", "checkpoint_last.pt"]
+    assert CheckpointDir(tmp_path).load_last()["num_updates"] == 4
+
+
+# ---------------------------------------------------------------------------- precision, guard
+
+
+def test_fp16_overflow_skips_the_update_and_counts_it(prepared, tmp_path):
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "fp16", "run.precision=fp16"), distributed.Dist())
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    batches = fixed_batches(trainer, [0, 1], 2)
+    trainer.train_step(batches)
+    assert trainer.overflows == 1 and trainer.num_updates == 0
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert trainer.scaler.get_scale() == 2.0 ** 119  # halved after the overflow
+    trainer.scaler.update(new_scale=1.0)  # skip the halvings: a scale that fits goes through
+    trainer.train_step(batches)
+    assert trainer.num_updates == 1 and trainer.overflows == 1
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_bf16_autocast_run(prepared, tmp_path):
+    result = pretrain.train(make_cfg(prepared, tmp_path / "bf16", "run.precision=bf16", "run.max_updates=2"))
+    assert result["num_updates"] == 2
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+
+
+def test_collapse_guard_saves_then_stops(prepared, tmp_path):
+    cfg = make_cfg(prepared, tmp_path / "collapse", "run.collapse_after=1", "run.min_target_std=100.0")
+    with pytest.raises(TrainingCollapsed, match="target_std"):
+        pretrain.train(cfg)
+    assert torch.load(tmp_path / "collapse/checkpoints/checkpoint_last.pt", weights_only=True)["num_updates"] == 2
