@@ -66,6 +66,11 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -129,6 +129,7 @@ class Trainer:
         self.sampler_state = self.sampler.state_dict()  # the position at the last update boundary
         self.saved_at = -1
         self.stop_signal: int | None = None
+        self.updating = False  # inside train_step: the state is not consistent
         self._previous_handlers: dict = {}
         self._resume()
 
@@ -179,8 +180,12 @@ class Trainer:
 
     def train_step(self, batches: list[dict]) -> dict[str, float]:
         """One update over micro-batches; returns sums over workers (see the module doc)."""
-        stats = self.accumulate(batches)
-        self.step(stats)
+        self.updating = True
+        try:
+            stats = self.accumulate(batches)
+            self.step(stats)
+        finally:
+            self.updating = False
         return stats
 
     def accumulate(self, batches: list[dict]) -> dict[str, float]:
@@ -310,6 +315,7 @@ class Trainer:
         """Save, then stop (plain signal) or hand the signal to submitit (requeue)."""
         signum, self.stop_signal = self.stop_signal, None
         self.save()
+        distributed.barrier(self.d)  # no worker exits while rank 0 is still writing
         handler = self._previous_handlers.get(signum) if signum is not None else None
         if callable(handler) and os.environ.get("SUBMITIT_EXECUTOR"):
             handler(signum, None)  # submitit: checkpoint() -> on_preemption(), requeue, exit
@@ -350,14 +356,16 @@ def peak_memory_gb(device: torch.device) -> float:
 def on_preemption() -> Path | None:
     """Save the training running in this process (called by mt4ssl.launch's submitit job).
 
-    The trainer defers signals to update boundaries, so when submitit calls this the state
-    was usually saved a moment ago; otherwise it is saved now if this is not mid-update."""
+    The trainer defers signals to update boundaries and saves there before handing the
+    signal to submitit, so this normally finds the state saved. Called mid-update (a signal
+    that reached submitit's handler directly), it does not save a half-updated state: the
+    requeued job resumes from the last checkpoint."""
     trainer = _ACTIVE
     if trainer is None or not trainer.d.main:
         return None
-    if trainer.saved_at != trainer.num_updates:
+    if trainer.saved_at != trainer.num_updates and not trainer.updating:
         return trainer.save()
-    return trainer.ckpt.last
+    return trainer.ckpt.last if trainer.ckpt.last.exists() else None
 
 
 def train(cfg: PretrainConfig) -> dict:
