@@ -1,0 +1,51 @@
+"""The recipes' configs load, and the LibriSpeech chain plans the right jobs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mt4ssl.config import load_config
+from mt4ssl.train.config import PretrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name,targets,layers", [
+    ("librispeech/mt4ssl_base.yaml", ("kmeans", "teacher"), 12),
+    ("librispeech/hubert_like_base.yaml", ("kmeans",), 12),
+    ("librispeech/data2vec_like_base.yaml", ("teacher",), 12),
+    ("librispeech/hubert_iter1_base.yaml", ("kmeans",), 12),
+    ("tiny/pretrain.yaml", ("kmeans", "teacher"), 4),
+])
+def test_recipe_configs(name, targets, layers):
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / name)
+    model = cfg.model_config()
+    assert model.targets == targets and model.num_layers == layers
+    if name.startswith("librispeech/") and name != "librispeech/hubert_iter1_base.yaml":
+        # the paper's recipe: 400k updates, lr 5e-4, tri-stage 3/90/7, 3.8M samples per GPU, 16 GPUs
+        assert cfg.run.max_updates == 400_000 and cfg.optim.lr == 5e-4
+        assert cfg.optim.phase_ratio == (0.03, 0.9, 0.07) and cfg.data.max_tokens == 3_800_000
+        assert cfg.launch.nodes * cfg.launch.gpus_per_node * cfg.run.update_freq == 16
+        assert model.mask_prob == 0.65 and model.layerdrop == 0.05 and model.teacher.top_k == 8
+
+
+def test_librispeech_chain_dry_run(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, str(ROOT / "recipes/librispeech/submit.py"), "--librispeech",
+                          "/data/LibriSpeech", "--work", str(tmp_path / "w"), "--dry-run"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("stage ")]
+    assert [line.split(":")[0].split()[1] for line in lines] == [
+        "manifests", "mfcc", "mfcc-valid", "kmeans-mfcc", "labels-mfcc-train", "labels-mfcc-valid",
+        "hubert-iter1", "layer6", "layer6-valid", "kmeans-layer6", "labels-hubert500-train",
+        "labels-hubert500-valid", "mt4ssl"]
+    assert "array mfcc (100 tasks) after manifests" in lines[1]
+    assert "--nshard 1 " in lines[5] and "valid" in lines[5]
+    assert "after labels-hubert500-valid" in lines[-1] and "mt4ssl_base.yaml" in lines[-1]
