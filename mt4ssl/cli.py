@@ -23,6 +23,7 @@ COMMANDS = {
     "pretrain": ("mt4ssl.train.pretrain", "pretrain MT4SSL / HuBERT-like / data2vec-like from a YAML config"),
     "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
+    "probe": ("mt4ssl.finetune.probe", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
 }
 
 

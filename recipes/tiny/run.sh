@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The tiny recipe: the whole pipeline at CPU scale on a synthetic LibriSpeech-layout corpus.
 # Same commands as recipes/librispeech, other paths and sizes.
-#   bash recipes/tiny/run.sh [--stage N] [--stop-stage N] [--exp DIR] [--hours H]
+#   bash recipes/tiny/run.sh [--stage N] [--stop-stage N] [--exp DIR] [--hours H] [--updates N]
 # Each stage skips work that is already done, so a re-run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 stage=0; stop_stage=100; exp=exp/tiny; hours=0.5; seed=0; nshard=2; k=100
+updates=300; probe_updates=700
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -14,10 +15,15 @@ while [ $# -gt 0 ]; do
     --exp) exp=$2; shift 2 ;;
     --hours) hours=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
+    --updates) updates=$2; shift 2 ;;
+    --probe-updates) probe_updates=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 MT4SSL=${MT4SSL:-.venv/bin/mt4ssl}
+# One compute thread per process: on the 2-core machine this recipe was made on, torch and
+# faiss ran slower with 2 threads than with 1 (the data-loader worker takes the other core).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 corpus=$exp/corpus; manifests=$exp/manifests; feats=$exp/mfcc; labels=$exp/labels_mfcc$k
 step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 say() { printf '\n== stage %s: %s (%s)\n' "$1" "$2" "$(date +%T)"; }
@@ -54,12 +60,40 @@ if step 4; then
   done
 fi
 
+run=$exp/pretrain; probes=$exp/probes
+if step 5; then
+  say 5 "tiny MT4SSL pretraining on CPU -> $run (resumes if interrupted)"
+  $MT4SSL pretrain recipes/tiny/pretrain.yaml run.out_dir="$run" data.manifest_dir="$manifests" \
+    "data.labels={mfcc100: $labels}" run.max_updates="$updates"
+fi
+
+if step 6; then
+  say 6 "phone-recognition probes (linear CTC on frozen features, PER) -> $probes"
+  common=(--manifest-dir "$manifests" --lexicon "$corpus/lexicon.txt" --updates "$probe_updates")
+  [ -f "$probes/mfcc.json" ] || $MT4SSL probe --mfcc --out "$probes/mfcc.json" "${common[@]}"
+  [ -f "$probes/random_init.json" ] || $MT4SSL probe --ckpt "$run/checkpoints/checkpoint_last.pt" \
+    --random-init --out "$probes/random_init.json" "${common[@]}"
+  $MT4SSL probe --ckpt "$run/checkpoints/checkpoint_last.pt" --out "$probes/mt4ssl.json" "${common[@]}"
+fi
+
+if step 7; then
+  say 7 "results table and learning curves -> results/"
+  .venv/bin/python tools/demo_table.py --run "$run" --command "make demo  # bash recipes/tiny/run.sh" \
+    --probe "MFCC (39-d)=$probes/mfcc.json" --probe "tiny model, random init=$probes/random_init.json" \
+    --probe "tiny MT4SSL, $updates updates=$probes/mt4ssl.json"
+  .venv/bin/python tools/plot_curves.py "$run/log.jsonl" --out results/demo_curves.png
+fi
+
 cat <<MSG
 
 == done in $(( $(date +%s) - t_start )) s. Where everything went:
-  corpus      $corpus   (LibriSpeech layout + lexicon.txt)
-  manifests   $manifests/{train,valid,test}.{tsv,wrd,ltr}
-  features    $feats/{split}_{shard}_$nshard.{npy,len,json}
-  k-means     $labels/km.npz
-  labels      $labels/{train,valid,test}.km + dict.km.txt
+  corpus       $corpus   (LibriSpeech layout + lexicon.txt)
+  manifests    $manifests/{train,valid,test}.{tsv,wrd,ltr}
+  features     $feats/{split}_{shard}_$nshard.{npy,len,json}
+  k-means      $labels/km.npz
+  labels       $labels/{train,valid,test}.km + dict.km.txt
+  checkpoint   $run/checkpoints/checkpoint_last.pt
+  TensorBoard  tensorboard --logdir $run/tb      (JSON lines: $run/log.jsonl)
+  probes       $probes/*.json
+  table, plot  results/demo.md, results/demo_curves.png
 MSG
