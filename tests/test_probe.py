@@ -235,7 +235,7 @@ def test_probe_command_on_a_checkpoint(probe_data):
 
 def test_probe_command_input_errors(probe_data):
     common = ["--manifest-dir", str(probe_data / "manifests"), "--out", str(probe_data / "x.json")]
-    with pytest.raises(InputError, match="--layer needs --ckpt"):
+    with pytest.raises(InputError, match="--layer and --random-init need --ckpt"):
         probe.run(_args(*common, "--lexicon", str(probe_data / "lexicon.txt"), "--mfcc", "--layer", "1"))
     partial = probe_data / "partial.txt"
     partial.write_text("HELLO\tHH AH0 L OW1\n")
