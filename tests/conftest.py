@@ -39,3 +39,16 @@ def write_tree(root: Path, lengths=LENGTHS, seed: int = 0) -> Path:
 @pytest.fixture
 def libri_tree(tmp_path: Path) -> Path:
     return write_tree(tmp_path / "libri")
+
+
+def small_model_config(channels: int = 32, dim: int = 64, classes: int = 4, **overrides):
+    """A 3-layer model for fast tests: the paper's CNN geometry with narrow channels, one
+    k-means label set "km" of `classes` clusters, a top-2 teacher."""
+    from mt4ssl.models.cnn import CONV_LAYERS
+    from mt4ssl.models.mt4ssl import model_config
+    from mt4ssl.targets import KMeansConfig, TeacherConfig
+
+    cfg = dict(conv_layers=tuple((channels, k, s) for _, k, s in CONV_LAYERS), embed_dim=dim,
+               ffn_dim=2 * dim, num_heads=4, num_layers=3, pos_conv_groups=4,
+               kmeans=KMeansConfig(labels=("km",), num_classes=(classes,)), teacher=TeacherConfig(top_k=2))
+    return model_config("tiny", **{**cfg, **overrides})

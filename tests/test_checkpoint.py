@@ -13,17 +13,14 @@ from mt4ssl.errors import InputError
 from mt4ssl.features.dump import load_shard
 from mt4ssl.models import checkpoint
 from mt4ssl.models.cnn import num_frames
-from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig, model_config
-from mt4ssl.targets import KMeansConfig, TeacherConfig
+from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig
+from tests.conftest import small_model_config
 
 CONV = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
 
 
 def small(**kw) -> ModelConfig:
-    base = dict(conv_layers=tuple((32, k, s) for _, k, s in model_config("base").conv_layers),
-                embed_dim=32, ffn_dim=64, num_heads=4, num_layers=3, pos_conv_groups=4,
-                kmeans=KMeansConfig(labels=("km",), num_classes=(12,)), teacher=TeacherConfig(top_k=2))
-    return model_config("base", **{**base, **kw})
+    return small_model_config(dim=32, classes=12, **kw)
 
 
 def states(model, wav):

@@ -16,24 +16,14 @@ from mt4ssl.models.cnn import (
 )
 from mt4ssl.models.convert import config_from_hf, state_dict_from_hf
 from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig, model_config, normalize_waveform
-from mt4ssl.targets import CollapseGuard, KMeansConfig, TeacherConfig
+from mt4ssl.targets import CollapseGuard, KMeansConfig
+from tests.conftest import small_model_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def small_config(**overrides) -> ModelConfig:
-    cfg = dict(
-        conv_layers=tuple((32, k, s) for _, k, s in CONV_LAYERS),
-        embed_dim=64,
-        ffn_dim=128,
-        num_heads=4,
-        num_layers=3,
-        pos_conv_groups=4,
-        kmeans=KMeansConfig(labels=("km",), num_classes=(4,)),
-        teacher=TeacherConfig(top_k=2),
-    )
-    cfg.update(overrides)
-    return model_config("tiny", **cfg)
+    return small_model_config(**overrides)
 
 
 # ---------------------------------------------------------------------------- CNN

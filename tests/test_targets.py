@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mt4ssl.models.cnn import CONV_LAYERS, num_frames
-from mt4ssl.models.mt4ssl import MT4SSL, model_config
+from mt4ssl.models.cnn import num_frames
+from mt4ssl.models.mt4ssl import MT4SSL
 from mt4ssl.targets import (
     CollapseGuard,
     KMeansConfig,
@@ -18,21 +18,11 @@ from mt4ssl.targets import (
     TrainingCollapsed,
 )
 from mt4ssl.targets.teacher import ema_decay, instance_norm, mean_std
+from tests.conftest import small_model_config
 
 
 def small_model(**overrides) -> MT4SSL:
-    cfg = dict(
-        conv_layers=tuple((16, k, s) for _, k, s in CONV_LAYERS),
-        embed_dim=32,
-        ffn_dim=64,
-        num_heads=4,
-        num_layers=3,
-        pos_conv_groups=4,
-        kmeans=KMeansConfig(labels=("km",), num_classes=(5,)),
-        teacher=TeacherConfig(top_k=2),
-    )
-    cfg.update(overrides)
-    return MT4SSL(model_config("tiny", **cfg))
+    return MT4SSL(small_model_config(channels=16, dim=32, classes=5, **overrides))
 
 
 def reference_instance_norm(x: np.ndarray, lengths: list[int], eps: float = 1e-5) -> np.ndarray:
