@@ -29,8 +29,10 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	bash recipes/tiny/run.sh --stop-stage 2
+	bash recipes/tiny/run.sh --stop-stage 4
 	$(PY) benchmarks/offline_targets.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_throughput.py
 
 # Re-pin the tested stack from the current venv.
 lock: $(STAMP)

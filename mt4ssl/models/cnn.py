@@ -43,17 +43,26 @@ EXTRACTOR_MODES = ("layer_norm", "default")
 
 
 class TransposeLast(nn.Module):
-    """(B, C, T) <-> (B, T, C), so a LayerNorm can normalize over channels."""
+    """(B, C, T) <-> (B, T, C), so a LayerNorm can normalize over channels.
+
+    contiguous=True copies the result into its own layout: the GELU and convolution that
+    follow then run on contiguous memory (on a transposed view, GELU's backward was ~10x
+    slower and the next conv copied its input anyway)."""
+
+    def __init__(self, contiguous: bool = False):
+        super().__init__()
+        self.contiguous = contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(-2, -1)
+        x = x.transpose(-2, -1)
+        return x.contiguous() if self.contiguous else x
 
 
 def _conv_block(n_in: int, n_out: int, kernel: int, stride: int, norm: str, bias: bool) -> nn.Sequential:
     conv = nn.Conv1d(n_in, n_out, kernel, stride=stride, bias=bias)
     nn.init.kaiming_normal_(conv.weight)
     if norm == "layer":  # LayerNorm over channels, at every frame
-        norm_layer = nn.Sequential(TransposeLast(), nn.LayerNorm(n_out), TransposeLast())
+        norm_layer = nn.Sequential(TransposeLast(), nn.LayerNorm(n_out), TransposeLast(contiguous=True))
     elif norm == "group":  # GroupNorm(dim, dim): each channel normalized over time
         norm_layer = nn.GroupNorm(n_out, n_out, affine=True)
     else:

@@ -83,7 +83,7 @@ def positional_conv(dim: int, kernel: int, groups: int, depth: int) -> nn.Sequen
             SamePad(kernel),
             TransposeLast(),
             nn.LayerNorm(dim, elementwise_affine=False),
-            TransposeLast(),
+            TransposeLast(contiguous=True),
             nn.GELU(),
         )
 
