@@ -103,7 +103,7 @@ class CliJob(PreemptibleJob):
 
 @dataclass
 class PlannedJob:
-    """What a dry run would submit: a placeholder id, the command, the SLURM dependency and
+    """What a dry run would submit: a stand-in id, the command, the SLURM dependency and
     (SLURM executors) the sbatch script."""
 
     job_id: str
@@ -119,14 +119,14 @@ def _cluster(executor) -> str:
 
 def _base_ids(jobs) -> list[str]:
     """SLURM ids to depend on: an array `123_4` is depended on as a whole, `123` (a dry run's
-    placeholder: the stage name)."""
+    stand-in id: the stage name)."""
     return list(dict.fromkeys(j.stage if isinstance(j, PlannedJob) else str(j.job_id).split("_")[0]
                               for j in jobs))
 
 
 def submit_chain(stages: Sequence[Stage], executor, dry_run: bool = False) -> list[list]:
     """Submit `stages` in order, each depending on the whole previous stage; returns the jobs
-    of each stage (PlannedJob placeholders with dry_run). On a non-SLURM executor each stage
+    of each stage (PlannedJob stand-ins with dry_run). On a non-SLURM executor each stage
     is run and waited for before the next; a failure raises StageError naming the command."""
     stages = list(stages)
     names = [s.name for s in stages]

@@ -17,6 +17,7 @@ USR2. Plain sbatch without submitit: slurm/pretrain.sbatch.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import logging
 import os
@@ -252,20 +253,23 @@ def _prepare_job_process() -> int | None:
     return os.getpid()
 
 
-class PreemptibleJob(submitit.helpers.Checkpointable):
+class PreemptibleJob(submitit.helpers.Checkpointable, abc.ABC):
     """A submitit callable that saves through `on_preemption()` of `hook_module()` and requeues
     itself (as a fresh copy) on the warning signal; subclasses define `run` and `fresh`."""
 
     _pid: int | None = None
 
+    @abc.abstractmethod
     def hook_module(self) -> str:
-        raise NotImplementedError
+        """The module whose `on_preemption()` saves the job's state."""
 
+    @abc.abstractmethod
     def run(self):
-        raise NotImplementedError
+        """The job's work."""
 
+    @abc.abstractmethod
     def fresh(self) -> "PreemptibleJob":
-        raise NotImplementedError
+        """A new copy of this job, to be requeued."""
 
     def __call__(self):
         self._pid = _prepare_job_process()
