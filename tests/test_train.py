@@ -224,6 +224,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
     state = CheckpointDir(tmp_path).load_last()
     assert state["num_updates"] == 1 and torch.equal(state["w"], torch.ones(1000))
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_1.pt", "checkpoint_last.pt"]
+    assert len(list(tmp_path.glob(".checkpoint_*.tmp"))) == 1  # the killed writer's partial file
     # the next save cleans nothing it should not and keeps the first and the last
     ckpt = CheckpointDir(tmp_path, keep_last=1)
     for n in (2, 3, 4):
@@ -231,6 +232,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == [
         "checkpoint_1.pt", "checkpoint_4.pt", "checkpoint_last.pt"]
     assert CheckpointDir(tmp_path).load_last()["num_updates"] == 4
+    assert not list(tmp_path.glob(".*.tmp"))  # the next save removed it
 
 
 # ---------------------------------------------------------------------------- precision, guard

@@ -24,12 +24,15 @@ from mt4ssl.utils.io import atomic_open
 FORMAT, VERSION = "mt4ssl", 1
 
 
+def write_state(path: str | Path, state: dict) -> None:
+    """Write a checkpoint dict (with "model_config" and "model") atomically, format-marked."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+
+
 def save_checkpoint(path: str | Path, model: MT4SSL, **extra) -> None:
     """Save the model (and any extra plain values / state dicts) atomically."""
-    state = {"format": FORMAT, "version": VERSION, "model_config": config_to_dict(model.cfg),
-             "model": model.state_dict(), **extra}
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    write_state(path, {"model_config": config_to_dict(model.cfg), "model": model.state_dict(), **extra})
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -17,10 +17,7 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
-from mt4ssl.models.checkpoint import FORMAT, VERSION, load_checkpoint
-from mt4ssl.utils.io import atomic_open
+from mt4ssl.models.checkpoint import load_checkpoint, write_state
 
 LAST = "checkpoint_last.pt"
 NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
@@ -42,15 +39,14 @@ class CheckpointDir:
 
     def save(self, state: dict, updates: int, numbered: bool) -> Path:
         """Write `state`; as checkpoint_<updates>.pt too when `numbered`. Returns the path."""
-        state = {"format": FORMAT, "version": VERSION, **state}
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".checkpoint_*.tmp"):  # left by a writer that was killed
+            stale.unlink(missing_ok=True)
         if not numbered:
-            with atomic_open(self.last, "wb") as f:
-                torch.save(state, f)
+            write_state(self.last, state)
             return self.last
         path = self.folder / f"checkpoint_{updates}.pt"
-        with atomic_open(path, "wb") as f:
-            torch.save(state, f)
+        write_state(path, state)
         link = self.folder / f".{LAST}.link"
         link.unlink(missing_ok=True)
         os.link(path, link)
