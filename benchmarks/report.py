@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from mt4ssl.utils.io import atomic_write_text
+from mt4ssl.utils.precision import cpu_bf16_support
 
 PERF = Path(__file__).resolve().parent.parent / "results" / "perf.md"
 HEADER = "# Performance measurements\n\nEach section was printed by the command it names.\n"
@@ -23,7 +24,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores ({cpu_bf16_support()[1]}), "
+            f"Python {platform.python_version()}")
 
 
 def write_section(name: str, command: str, body: str, path: Path = PERF) -> None:

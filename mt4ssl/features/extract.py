@@ -14,6 +14,7 @@ output of block i (HuBERT's convention, as s3prl's hidden_states): 13 layers for
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ from mt4ssl.models.checkpoint import load_model
 from mt4ssl.models.cnn import FRAME_RATE, num_frames
 from mt4ssl.models.mt4ssl import MT4SSL
 from mt4ssl.utils.io import atomic_open
+from mt4ssl.utils.precision import DTYPES, resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 def layer_kind(model: MT4SSL, layers: list[int], device: torch.device, dtype: torch.dtype | None) -> FeatureKind:
@@ -55,14 +59,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nshard", type=int, default=1, help="manifest input: number of shards")
     p.add_argument("--all-shards", action="store_true", help="manifest input: every shard here")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on recent GPUs/CPUs)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                   help="fp32 (default), bf16 autocast, or auto: bf16 where the device runs it "
+                        "natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16), else fp32")
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = load_model(args.ckpt, map_location=device)
     layers = args.layers if args.layers is not None else list(range(model.cfg.num_layers + 1))
-    kind = layer_kind(model, layers, device, torch.bfloat16 if args.bf16 else None)
+    precision, why = resolve_precision(args.precision, device)
+    log.info("precision %s (%s)", precision, why)
+    kind = layer_kind(model, layers, device, DTYPES[precision])
     if args.input.suffix == ".tsv":
         split = args.input.stem
         shards = range(args.nshard) if args.all_shards else [args.shard]

@@ -17,6 +17,7 @@ from typing import Any
 from mt4ssl.config import config_from_dict, config_to_dict
 from mt4ssl.errors import InputError
 from mt4ssl.models.mt4ssl import PRESETS, ModelConfig
+from mt4ssl.utils.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class RunConfig:
     out_dir: str
     max_updates: int = 400_000
     update_freq: int = 1  # gradient accumulation: simulates update_freq x more GPUs
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (gradient scaler) | auto: bf16 where native, else fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     seed: int = 1
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -90,7 +91,7 @@ class PretrainConfig:
     launch: LaunchConfig = LaunchConfig()
 
     def __post_init__(self):
-        choices = {("run.precision", self.run.precision): ("fp32", "bf16", "fp16"),
+        choices = {("run.precision", self.run.precision): PRECISIONS,
                    ("run.device", self.run.device.split(":")[0]): ("auto", "cpu", "cuda"),
                    ("data.batch_mode", self.data.batch_mode): ("crop", "pad"),
                    ("optim.optimizer", self.optim.optimizer): ("adamw", "adam"),

@@ -53,10 +53,10 @@ from mt4ssl.train.checkpoint import CheckpointDir
 from mt4ssl.train.config import PretrainConfig
 from mt4ssl.train.log import TrainLog
 from mt4ssl.train.schedule import lr_multiplier
+from mt4ssl.utils.precision import DTYPES, resolve_precision
 
 log = logging.getLogger("mt4ssl.train")
 
-PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACTIVE: "Trainer | None" = None  # the training running in this process, for on_preemption()
 
 
@@ -108,8 +108,11 @@ class Trainer:
                              weight_decay=cfg.optim.weight_decay, fused=d.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.optim, run.max_updates))
-        self.dtype = PRECISION[run.precision]
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=run.precision == "fp16")
+        self.precision, why = resolve_precision(run.precision, d.device)
+        if d.main:
+            log.info("precision %s (%s)", self.precision, why)
+        self.dtype = DTYPES[self.precision]
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.precision == "fp16")
         self.sampler = BucketBatchSampler(self.dataset.sizes, data.max_tokens, seed=run.seed, rank=d.rank,
                                           world_size=d.world_size, where=self.dataset.where)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler,
