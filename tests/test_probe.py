@@ -277,9 +277,13 @@ def test_demo_table_has_the_numbers(run_dir, tmp_path, capsys):
     model.write_text(json.dumps({"features": "mt4ssl", "ckpt": "run/checkpoint_last.pt", "layer": "weighted",
                                  "layer_weights": [0.1, 0.2, 0.7], "updates": 1500,
                                  "per": {"valid": 0.3012, "test": 0.3187}}))
+    random_init = tmp_path / "random.json"
+    random_init.write_text(json.dumps({"features": "mt4ssl", "ckpt": "run/checkpoint_last.pt", "init": "random",
+                                       "layer": 2, "per": {"valid": 0.9, "test": 0.91}}))
     out = tmp_path / "demo.md"
     assert demo_table.main(["--run", str(run_dir), "--probe", f"MFCC={mfcc}", "--probe", f"tiny={model}",
-                            "--command", "make demo", "--out", str(out)]) == 0
+                            "--probe", f"untrained={random_init}", "--command", "make demo",
+                            "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     md = out.read_text()
     assert "Command: `make demo`" in md and "Machine:" in md and "Date:" in md
@@ -291,6 +295,9 @@ def test_demo_table_has_the_numbers(run_dir, tmp_path, capsys):
     assert "throughput 15.0 s of audio per second" in md  # median of 14 and 16, first left out
     assert "| MFCC | mfcc | – | 41.2 % | 42.6 % | 1500 | 268 | 61.5 |" in md
     assert "| tiny | mt4ssl (`run/checkpoint_last.pt`) | weighted: 0.10 0.20 0.70 | 30.1 % | 31.9 % |" in md
+    # the untrained row names what it is: fresh weights, only the architecture from the checkpoint
+    assert ("| untrained | mt4ssl, random init (architecture of `run/checkpoint_last.pt`) | 2 | 90.0 % | 91.0 % |"
+            in md)
     assert "3.4 %" in md and "9.6 %" in md and "Not comparable" in md
 
 

@@ -128,7 +128,9 @@ def probe_table(probes: list[tuple[str, dict]]) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for name, r in probes:
         features = r.get("features", "?")
-        if r.get("ckpt"):
+        if r.get("init") == "random":  # fresh weights: the checkpoint only gave the architecture
+            features += f", random init (architecture of `{r['ckpt']}`)"
+        elif r.get("ckpt"):
             features += f" (`{r['ckpt']}`)"
         layer = r.get("layer")
         if layer == "weighted" and r.get("layer_weights"):
