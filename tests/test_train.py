@@ -1,9 +1,10 @@
 """Pretraining: config errors, schedules, gradient accumulation and DDP equivalence, exact
 resume after a signal, atomic checkpoints under SIGKILL, fp16 overflow skipping, the
-collapse guard."""
+collapse guard, validation with fixed masks and checkpoint_best."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from mt4ssl.cli import main
 from mt4ssl.config import load_config
 from mt4ssl.data.dataset import collate
 from mt4ssl.errors import InputError
+from mt4ssl.models.checkpoint import write_state
 from mt4ssl.models.cnn import num_frames
 from mt4ssl.targets import TrainingCollapsed
 from mt4ssl.train import distributed, pretrain
@@ -28,6 +30,8 @@ from mt4ssl.train.checkpoint import CheckpointDir
 from mt4ssl.train.config import OptimConfig, PretrainConfig
 from mt4ssl.train.schedule import lr_multiplier
 from tests.conftest import write_tree
+from tools import plot_curves
+from tools.demo_table import read_log
 
 SMALL_MODEL = [
     "model.preset=tiny", "model.embed_dim=32", "model.ffn_dim=64", "model.num_heads=4",
@@ -39,14 +43,17 @@ SMALL_MODEL = [
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    """Manifest + 50 Hz MFCC k-means labels of a small generated tree."""
+    """Manifests (train, valid) + 50 Hz MFCC k-means labels of a small generated tree."""
     root = tmp_path_factory.mktemp("train")
-    write_tree(root / "libri", {"train": [32001, 40007, 48319, 35555, 57603, 33333, 36000, 41000]})
+    write_tree(root / "libri", {"train": [32001, 40007, 48319, 35555, 57603, 33333, 36000, 41000],
+                                "valid": [33001, 45007, 38319, 20000]})  # 20000: shorter than min_samples
     m, f, lab = root / "m", root / "f", root / "lab"
     assert main(["manifest", str(root / "libri"), "--out", str(m)]) == 0
-    assert main(["features", "mfcc", str(m), "train", str(f)]) == 0
+    for split in ("train", "valid"):
+        assert main(["features", "mfcc", str(m), split, str(f)]) == 0
     assert main(["kmeans", str(f), "train", str(lab / "km.npz"), "-k", "8", "--fraction", "1"]) == 0
-    assert main(["labels", str(f), "train", str(lab / "km.npz"), "--manifest-dir", str(m), "--out", str(lab)]) == 0
+    for split in ("train", "valid"):
+        assert main(["labels", str(f), split, str(lab / "km.npz"), "--manifest-dir", str(m), "--out", str(lab)]) == 0
     return root
 
 
@@ -132,9 +139,10 @@ def _ddp_worker(rank: int, prepared: str, out: str, port: int) -> None:
     torch.set_num_threads(1)
     d = distributed.setup("cpu")
     trainer = pretrain.Trainer(make_cfg(Path(prepared), Path(out) / "ddp"), d)
+    valid = trainer.validate()  # each worker validates one of the two valid batches
     batches = fixed_batches(trainer, [0, 1, 2, 3], 2)
     stats = trainer.accumulate([batches[rank]])  # each worker holds half of the global batch
-    torch.save({"grads": grads(trainer), "stats": stats}, Path(out) / f"rank{rank}.pt")
+    torch.save({"grads": grads(trainer), "stats": stats, "valid": valid}, Path(out) / f"rank{rank}.pt")
     trainer.step(stats)
     torch.save({n: p.detach().clone() for n, p in trainer.model.state_dict().items()},
                Path(out) / f"params{rank}.pt")
@@ -145,10 +153,13 @@ def test_ddp_two_gloo_workers_equal_one_process(prepared, tmp_path):
     port = 29500 + os.getpid() % 1000
     mp.spawn(_ddp_worker, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
     single = pretrain.Trainer(make_cfg(prepared, tmp_path / "single"), distributed.Dist())
+    assert len(single.valid_batches) == 2
+    want_valid = single.validate()
     stats = single.accumulate(fixed_batches(single, [0, 1, 2, 3], 4))
     want = grads(single)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["valid"] == pytest.approx(want_valid, rel=1e-6)
         assert got["stats"]["sample_size"] == stats["sample_size"]
         for name, g in want.items():
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
@@ -265,3 +276,76 @@ def test_collapse_guard_saves_then_stops(prepared, tmp_path):
     with pytest.raises(TrainingCollapsed, match="target_std"):
         pretrain.train(cfg)
     assert torch.load(tmp_path / "collapse/checkpoints/checkpoint_last.pt", weights_only=True)["num_updates"] == 2
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def test_validation_rows_and_checkpoint_best_across_a_resume(prepared, tmp_path):
+    cfg = make_cfg(prepared, tmp_path / "run", "run.valid_interval=2", "run.log_interval=2", "run.max_updates=5")
+    assert pretrain.train(cfg)["num_updates"] == 5
+    lines = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in lines] == [2, 4, 5]  # one row per update: training and validation merged
+    assert "loss" in lines[0] and "loss" not in lines[2]  # 5: the last update, validated, not a log step
+    valid = {r["update"]: r for r in read_log(tmp_path / "run/log.jsonl") if "valid_loss" in r}
+    assert sorted(valid) == [2, 4, 5]
+    for r in valid.values():
+        for key in ("valid_loss", "valid_loss_kmeans", "valid_loss_teacher", "valid_acc_km", "valid_target_std"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["valid_masked_frames"] == valid[2]["valid_masked_frames"] > 0  # the same masks every time
+    folder = tmp_path / "run/checkpoints"
+    best_update = min(valid, key=lambda u: valid[u]["valid_loss"])
+    best = torch.load(folder / "checkpoint_best.pt", weights_only=True)
+    assert best["num_updates"] == best_update and best["best_valid_loss"] == valid[best_update]["valid_loss"]
+    if best_update == 5:  # written at the update of a numbered checkpoint: a hard link to it
+        assert (folder / "checkpoint_best.pt").samefile(folder / "checkpoint_5.pt")
+    assert plot_curves.main([str(tmp_path / "run/log.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+
+    # resumed with a stored best lower than anything it will reach: checkpoint_best stays
+    last = torch.load(folder / "checkpoint_last.pt", weights_only=True)
+    assert last["best_valid_loss"] == valid[best_update]["valid_loss"]
+    write_state(folder / "checkpoint_last.pt", {**last, "best_valid_loss": -1.0})
+    assert pretrain.train(cfg.replace(run=dataclasses.replace(cfg.run, max_updates=7)))["num_updates"] == 7
+    rows = {r["update"]: r for r in read_log(tmp_path / "run/log.jsonl")}
+    assert math.isfinite(rows[6]["valid_loss"]) and math.isfinite(rows[7]["valid_loss"])
+    assert torch.load(folder / "checkpoint_best.pt", weights_only=True)["num_updates"] == best_update
+    assert torch.load(folder / "checkpoint_last.pt", weights_only=True)["best_valid_loss"] == -1.0
+
+
+def test_validation_masks_are_fixed(prepared, tmp_path):
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "a", "run.valid_interval=2"), distributed.Dist())
+    first = trainer.validate()
+    rng = torch.get_rng_state()
+    again = trainer.validate()
+    assert torch.equal(torch.get_rng_state(), rng)  # the training RNG stream is left alone
+    assert again == first  # exactly: the same masks, no dropout
+    torch.manual_seed(99)
+    trainer.num_updates = 1234  # another update, the same weights
+    assert trainer.validate() == first
+    # an utterance's mask depends on (seed, utterance) only, not on the batches it is in
+    ones = pretrain.Trainer(make_cfg(prepared, tmp_path / "b", "run.valid_interval=2", "data.max_tokens=60000"),
+                            distributed.Dist())
+    assert trainer.valid_batches == [[0, 1], [2]] and ones.valid_batches == [[0], [1], [2]]
+    pair = trainer._valid_mask([0, 1])
+    assert torch.equal(pair[0, :num_frames(33001)], ones._valid_mask([0])[0]) and not pair[0, num_frames(33001):].any()
+    assert torch.equal(pair[1], ones._valid_mask([1])[0])
+    assert ones.validate()["valid_masked_frames"] == first["valid_masked_frames"]
+    other_seed = pretrain.Trainer(make_cfg(prepared, tmp_path / "c", "run.valid_interval=2", "run.seed=2"),
+                                  distributed.Dist())
+    assert not torch.equal(other_seed._valid_mask([1]), ones._valid_mask([1]))
+
+
+def test_missing_valid_split_is_a_clear_error(prepared, tmp_path):
+    with pytest.raises(InputError, match=r"m/dev\.tsv: not found; validation .*set run\.valid_interval=0"):
+        pretrain.Trainer(make_cfg(prepared, tmp_path / "a", "data.valid_split=dev"), distributed.Dist())
+    lab = tmp_path / "lab"  # train labels only
+    lab.mkdir()
+    for name in ("train.km", "dict.km.txt"):
+        (lab / name).write_bytes((prepared / "lab" / name).read_bytes())
+    with pytest.raises(InputError, match=r"lab/valid\.km: not found"):
+        pretrain.Trainer(make_cfg(prepared, tmp_path / "b", f"data.labels={{km: {lab}}}"), distributed.Dist())
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "c", f"data.labels={{km: {lab}}}", "run.valid_interval=0"),
+                               distributed.Dist())
+    assert trainer.valid_set is None and not trainer.valid_due()
+    with pytest.raises(InputError, match=r"run\.valid_interval: -1 must be at least 0"):
+        make_cfg(prepared, tmp_path / "d", "run.valid_interval=-1")

@@ -2,7 +2,9 @@
 
 Top panel: the k-means cross-entropy and the teacher regression loss (each per masked frame)
 against updates, each on its own y axis since their scales differ. Bottom panel: the std of
-the teacher targets (and of the predictions), where a collapse shows as a drop to zero.
+the teacher targets (and of the predictions), where a collapse shows as a drop to zero. In
+both, the validation values of a run with `run.valid_interval` (`valid_*` keys, fixed masks)
+are the dashed lines with markers, in the colour of their training curve.
 """
 
 from __future__ import annotations
@@ -30,24 +32,31 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [r["update"] for r in have], [float(r[key]) for r in have]
 
 
+def with_valid(ax, rows: list[dict], key: str, color: str, label: str) -> list:
+    """Plot `key` (training) and `valid_<key>` (validation, dashed with markers) on `ax`."""
+    handles = []
+    x, y = series(rows, key)
+    if x:
+        handles += ax.plot(x, y, color=color, marker="." if len(x) < 30 else None, label=label)
+    x, y = series(rows, f"valid_{key}")
+    if x:
+        handles += ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4,
+                           label=f"valid {label}")
+    return handles
+
+
 def plot(rows: list[dict], title: str):
     fig, (ax_loss, ax_std) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                           gridspec_kw={"height_ratios": [3, 2]})
-    handles = []
-    x, y = series(rows, "loss_kmeans")
-    if x:
-        handles += ax_loss.plot(x, y, color="tab:blue", marker="." if len(x) < 30 else None,
-                                label="k-means cross-entropy (left axis)")
+    handles = with_valid(ax_loss, rows, "loss_kmeans", "tab:blue", "k-means cross-entropy (left axis)")
     ax_loss.set_ylabel("k-means CE per masked frame (nats)", color="tab:blue")
-    x, y = series(rows, "loss_teacher")
-    if x:
+    if series(rows, "loss_teacher")[0] or series(rows, "valid_loss_teacher")[0]:
         ax_teacher = ax_loss.twinx()
-        handles += ax_teacher.plot(x, y, color="tab:orange", marker="." if len(x) < 30 else None,
-                                   label="teacher regression (right axis)")
+        handles += with_valid(ax_teacher, rows, "loss_teacher", "tab:orange",
+                              "teacher regression (right axis)")
         ax_teacher.set_ylabel("teacher L2 per masked frame", color="tab:orange")
     if not handles:  # neither target logged: fall back to the total loss
-        x, y = series(rows, "loss")
-        handles += ax_loss.plot(x, y, color="tab:gray", label="total loss")
+        handles += with_valid(ax_loss, rows, "loss", "tab:gray", "total loss")
         ax_loss.set_ylabel("loss per masked frame", color="black")
     ax_loss.legend(handles=handles, loc="upper right", fontsize="small")
     ax_loss.grid(alpha=0.3)
@@ -55,9 +64,7 @@ def plot(rows: list[dict], title: str):
 
     for key, color, label in (("target_std", "tab:green", "teacher target std"),
                               ("pred_std", "tab:red", "prediction std")):
-        x, y = series(rows, key)
-        if x:
-            ax_std.plot(x, y, color=color, marker="." if len(x) < 30 else None, label=label)
+        with_valid(ax_std, rows, key, color, label)
     ax_std.set_ylabel("std over frames")
     ax_std.set_xlabel("update")
     ax_std.set_ylim(bottom=0)

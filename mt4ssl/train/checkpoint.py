@@ -3,12 +3,14 @@
     checkpoint_<updates>.pt   every `save_interval` updates; the first and the last
                               `keep_last` are kept
     checkpoint_last.pt        the newest state, always a complete file
+    checkpoint_best.pt        the state with the lowest validation loss so far (run.valid_interval)
 
 Every file is written atomically (temporary file, fsync, rename), so a kill during a save
 leaves the previous files intact; checkpoint_last is a hard link to the newest numbered
-file when there is one (no second write of a multi-GB file). The format is the model
-checkpoint's (`mt4ssl.models.checkpoint`) plus the training state, so `load_model`,
-`mt4ssl extract` and the s3prl upstream read training checkpoints directly.
+file when there is one (no second write of a multi-GB file), and so is checkpoint_best when it
+is written at the update of a numbered file. The format is the model checkpoint's
+(`mt4ssl.models.checkpoint`) plus the training state, so `load_model`, `mt4ssl extract` and
+the s3prl upstream read training checkpoints directly (checkpoint_best.pt included).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from mt4ssl.models.checkpoint import load_checkpoint, write_state
 
 LAST = "checkpoint_last.pt"
+BEST = "checkpoint_best.pt"
 NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
@@ -31,6 +34,10 @@ class CheckpointDir:
     @property
     def last(self) -> Path:
         return self.folder / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.folder / BEST
 
     def numbered(self) -> list[tuple[int, Path]]:
         found = [(int(m.group(1)), p) for p in self.folder.glob("checkpoint_*.pt")
@@ -47,12 +54,26 @@ class CheckpointDir:
             return self.last
         path = self.folder / f"checkpoint_{updates}.pt"
         write_state(path, state)
-        link = self.folder / f".{LAST}.link"
-        link.unlink(missing_ok=True)
-        os.link(path, link)
-        os.replace(link, self.last)
+        self._link(path, self.last)
         self._prune()
         return path
+
+    def save_best(self, state: dict, same_as: Path | None = None) -> Path:
+        """Write `state` as checkpoint_best.pt: a hard link to `same_as` when that file holds
+        the same state (written at this update), else a new file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if same_as is None:
+            write_state(self.best, state)
+        else:
+            self._link(same_as, self.best)
+        return self.best
+
+    def _link(self, path: Path, name: Path) -> None:
+        """Make `name` a hard link to `path`, atomically (replacing what `name` was)."""
+        link = self.folder / f".{name.name}.link"
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, name)
 
     def _prune(self) -> None:
         files = self.numbered()

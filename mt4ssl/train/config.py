@@ -4,7 +4,7 @@ Sections (all keys optional except data.manifest_dir and run.out_dir):
   model   a preset name plus field overrides of `ModelConfig` (mt4ssl/models/mt4ssl.py)
   data    manifests, label sets, batching
   optim   optimizer and learning-rate schedule
-  run     updates, precision, devices, logging, checkpoints
+  run     updates, precision, devices, logging, validation, checkpoints
   launch  where it runs: local (this process / torchrun) or SLURM through submitit
 """
 
@@ -24,6 +24,7 @@ from mt4ssl.utils.precision import PRECISIONS
 class DataConfig:
     manifest_dir: str  # folder with {split}.tsv
     train_split: str = "train"
+    valid_split: str = "valid"  # {split}.tsv and {folder}/{split}.km of every label set (run.valid_interval)
     labels: dict[str, str] = field(default_factory=dict)  # label-set name -> folder of {split}.km
     max_tokens: int = 3_800_000  # samples per batch (batch size x longest utterance)
     min_samples: int = 32_000  # shorter utterances are skipped
@@ -59,6 +60,9 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     log_interval: int = 200  # updates between log lines
     save_interval: int = 25_000  # updates between numbered checkpoints
+    # updates between validations on data.valid_split (fixed, seeded masks; checkpoint_best.pt
+    # by valid_loss), and after the last update; 0: no validation (fairseq: validate_interval_updates)
+    valid_interval: int = 10_000
     keep_last: int = 1  # numbered checkpoints kept besides the first and checkpoint_last
     collapse_after: int = 5000  # the collapse guard starts after this many updates
     min_target_std: float = 0.1
@@ -105,6 +109,8 @@ class PretrainConfig:
                            ("run.save_interval", self.run.save_interval)):
             if value < 1:
                 raise InputError(f"{key}: {value} must be at least 1")
+        if self.run.valid_interval < 0:
+            raise InputError(f"run.valid_interval: {self.run.valid_interval} must be at least 0 (0: no validation)")
         if abs(sum(self.optim.phase_ratio) - 1) > 1e-6:
             raise InputError(f"optim.phase_ratio {self.optim.phase_ratio} must sum to 1")
         self.model_config()  # fail early on a bad model section

@@ -1,5 +1,8 @@
 """Training logs: a JSON line per log step (`log.jsonl`), TensorBoard scalars (`tb/`), and a
-progress line on the terminal (a tqdm bar when interactive, plain log lines otherwise)."""
+progress line on the terminal (a tqdm bar when interactive, plain log lines otherwise).
+
+A validation is logged in the row of its update (its keys prefixed `valid_`; a row of its own
+when the update is not a log step), as TensorBoard scalars `valid/...` and a log line."""
 
 from __future__ import annotations
 
@@ -36,15 +39,21 @@ class TrainLog:
         self.jsonl.flush()
         for key, value in row.items():
             if key != "update" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"train/{key}", value, row["update"])
+                name = f"valid/{key[6:]}" if key.startswith("valid_") else f"train/{key}"
+                self.tb.add_scalar(name, value, row["update"])
         self.tb.flush()
-        shown = {k: row[k] for k in ("loss", "loss_kmeans", "loss_teacher", "lr", "target_std",
-                                     "audio_s_per_s") if k in row}
-        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        if self.bar.disable:
-            log.info("update %d/%d %s", row["update"], self.bar.total, text)
-        else:
-            self.bar.set_postfix_str(text, refresh=False)
+        if "loss" in row:
+            shown = {k: row[k] for k in ("loss", "loss_kmeans", "loss_teacher", "lr", "target_std",
+                                         "audio_s_per_s") if k in row}
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            if self.bar.disable:
+                log.info("update %d/%d %s", row["update"], self.bar.total, text)
+            else:
+                self.bar.set_postfix_str(text, refresh=False)
+        if "valid_loss" in row:
+            text = " ".join(f"{k[6:]}={v:.4g}" for k, v in row.items()
+                            if k.startswith(("valid_loss", "valid_acc_", "valid_target_std")))
+            log.info("valid at update %d: %s", row["update"], text)
 
     def close(self) -> None:
         if self.enabled:

@@ -17,6 +17,16 @@ number of workers. Checkpoints hold the model (student, heads, EMA teacher), opt
 scaler, schedule and the sampler's position, so a resumed run repeats the uninterrupted
 one exactly (on CPU; GPU kernels may be nondeterministic).
 
+Validation, every `run.valid_interval` updates and after the last one: the losses and
+accuracies on `data.valid_split` per masked frame, in eval mode (no dropout), without
+gradients, in the training's autocast precision, over fixed length-sorted batches of whole
+utterances ("pad" collation). The mask of an utterance is drawn by the model's sample_mask
+with torch's RNG seeded from (seed, manifest line) alone, under `fork_rng`: it does not depend
+on the update, the batches or the number of workers, and the training RNG stream is left
+alone. Rank r validates batches r, r + W, ...; the sums are all-reduced once. The row goes
+into the log row of its update (keys `valid_*`); when valid_loss is the lowest so far,
+checkpoint_best.pt is written (its value is in the training state, so a resumed run keeps it).
+
 Signals: SIGUSR1 and SIGTERM (and SIGUSR2 outside submitit) stop the run at the end of the
 current update, after saving checkpoint_last; under submitit, its timeout/preemption
 signal is deferred the same way, then handed to submitit, which requeues the job.
@@ -45,7 +55,7 @@ from mt4ssl.config import config_from_dict, config_to_dict, load_config, save_co
 from mt4ssl.data.dataset import PretrainDataset, collate
 from mt4ssl.data.sampler import BucketBatchSampler
 from mt4ssl.errors import InputError
-from mt4ssl.models.cnn import SAMPLE_RATE
+from mt4ssl.models.cnn import SAMPLE_RATE, conv_output_lengths
 from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig
 from mt4ssl.targets import CollapseGuard, TrainingCollapsed
 from mt4ssl.train import distributed
@@ -69,6 +79,11 @@ def seed_update(seed: int, rank: int, update: int) -> None:
     torch.manual_seed(int(s[0]))
     np.random.seed(int(s[1]))
     random.seed(int(s[1]))
+
+
+def valid_mask_seed(seed: int, utterance: int) -> int:
+    """The torch seed of a validation utterance's mask (a stream apart from seed_update's)."""
+    return int(np.random.SeedSequence([seed, 0x7A11D, utterance]).generate_state(1)[0])
 
 
 def model_config(cfg: PretrainConfig, dataset: PretrainDataset) -> ModelConfig:
@@ -100,6 +115,7 @@ class Trainer:
             Path(data.manifest_dir) / f"{split}.tsv",
             {name: Path(folder) / f"{split}.km" for name, folder in data.labels.items()},
             data.min_samples, data.max_samples)
+        self.valid_set, self.valid_batches = self._valid_data() if run.valid_interval else (None, [])
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.model = MT4SSL(model_config(cfg, self.dataset)).to(d.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -129,6 +145,7 @@ class Trainer:
         self.guard = CollapseGuard(run.min_target_std, run.min_pred_std, run.collapse_after)
         self.ckpt = CheckpointDir(self.out / "checkpoints", run.keep_last)
         self.num_updates, self.overflows = 0, 0
+        self.best_valid = math.inf  # the lowest valid_loss so far (checkpoint_best.pt)
         self.sampler_state = self.sampler.state_dict()  # the position at the last update boundary
         self.saved_at = -1
         self.stop_signal: int | None = None
@@ -143,7 +160,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "sampler": self.sampler_state,
                 "num_updates": self.num_updates, "overflows": self.overflows,
-                "train_config": config_to_dict(self.cfg)}
+                "best_valid_loss": self.best_valid, "train_config": config_to_dict(self.cfg)}
 
     def save(self, numbered: bool = False) -> Path | None:
         """Rank 0 writes the state of the last finished update."""
@@ -153,6 +170,12 @@ class Trainer:
         self.saved_at = self.num_updates
         log.info("saved %s (update %d)", path, self.num_updates)
         return path
+
+    def save_best(self, same_as: Path | None) -> None:
+        """Rank 0 writes checkpoint_best.pt (a hard link to `same_as`, this update's file)."""
+        if self.d.main:
+            path = self.ckpt.save_best(self.state(), same_as)
+            log.info("saved %s (update %d, valid_loss %.4g)", path, self.num_updates, self.best_valid)
 
     def _resume(self) -> None:
         state = self.ckpt.load_last(map_location=self.d.device)
@@ -170,10 +193,14 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.sampler_state = self.sampler.state_dict()
         self.num_updates, self.overflows = state["num_updates"], state["overflows"]
+        self.best_valid = float(state.get("best_valid_loss", math.inf))
         self.saved_at = self.num_updates
         log.info("resumed from %s at update %d", self.ckpt.last, self.num_updates)
 
     # ------------------------------------------------------------------ one update
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.d.device
@@ -201,7 +228,7 @@ class Trainer:
             batch = self._to_device(batch)
             sync = i == len(batches) - 1 or not self.d.enabled
             with contextlib.nullcontext() if sync else self.net.no_sync():
-                with torch.autocast(self.d.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                with self.autocast():
                     out = self.net(batch["wav"], batch["padding_mask"], mask_indices=batch.get("mask"),
                                    labels=batch["labels"])
                 self.scaler.scale(out.loss).backward()
@@ -241,6 +268,68 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler_state = self.sampler.state_dict()
 
+    # ------------------------------------------------------------------ validation
+
+    def _valid_data(self) -> tuple[PretrainDataset, list[list[int]]]:
+        """The valid split and its fixed batches (sorted by length, at most data.max_tokens)."""
+        data = self.cfg.data
+        manifest = Path(data.manifest_dir) / f"{data.valid_split}.tsv"
+        labels = {name: Path(folder) / f"{data.valid_split}.km" for name, folder in data.labels.items()}
+        for path in (manifest, *labels.values()):
+            if not path.is_file():
+                raise InputError(f"{path}: not found; validation (run.valid_interval="
+                                 f"{self.cfg.run.valid_interval}) needs the {data.valid_split!r} split "
+                                 f"(data.valid_split) of the manifests and of every label set; "
+                                 f"make it, or set run.valid_interval=0 to train without validation")
+        valid = PretrainDataset(manifest, labels, data.min_samples, data.max_samples)
+        batches = BucketBatchSampler(valid.sizes, data.max_tokens, shuffle=False, where=valid.where).batches
+        return valid, [b.tolist() for b in batches]
+
+    def _valid_mask(self, ids: list[int]) -> torch.Tensor:
+        """(B, T) masks of valid items `ids`, each seeded by (seed, its manifest line) alone."""
+        frames = conv_output_lengths(torch.as_tensor(self.valid_set.sizes[ids]), self.model.cfg.conv_layers)
+        frames = frames.tolist()
+        mask = torch.zeros(len(ids), max(frames), dtype=torch.bool)
+        with torch.random.fork_rng(devices=[]):
+            for b, (i, t) in enumerate(zip(ids, frames)):
+                torch.manual_seed(valid_mask_seed(self.cfg.run.seed, int(self.valid_set.indices[i])))
+                mask[b, :t] = self.model.sample_mask(torch.empty(1, t), None)[0]
+        return mask
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Losses (and accuracies, stds) per masked frame on the valid split, summed over
+        workers; the keys are prefixed `valid_` (see the module doc)."""
+        self.model.eval()
+        batches, weight = self.valid_batches[self.d.rank::self.d.world_size], 1.0
+        if not batches:  # fewer batches than workers: one with weight 0 (every rank reduces the same keys)
+            batches, weight = self.valid_batches[:1], 0.0
+        acc: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.d.device))
+        for ids in batches:
+            batch = collate([self.valid_set[i] for i in ids], mode="pad")
+            batch = self._to_device({**batch, "mask": self._valid_mask(ids)})
+            with self.autocast():
+                out = self.model(batch["wav"], batch["padding_mask"], mask_indices=batch["mask"],
+                                 labels=batch["labels"])
+            frames = out.sample_size.float()
+            values = {"frames": frames, "loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}
+            for key, value in out.logs.items():  # loss_<labels> are sums; acc_*, *_std means: weighted
+                if key != "ema_decay":
+                    values[key] = value if key.startswith("loss_") else value * frames
+            for key, value in values.items():
+                acc[key] += torch.nan_to_num(value.float()) * weight
+        self.model.train()
+        keys = sorted(acc)
+        total = distributed.all_reduce_sum(torch.stack([acc[k] for k in keys]), self.d)
+        stats = dict(zip(keys, total.tolist()))
+        frames = stats.pop("frames")
+        row = {f"valid_{k}": v / max(frames, 1.0) for k, v in stats.items()}  # per masked frame
+        return {**row, "valid_masked_frames": frames}
+
+    def valid_due(self) -> bool:
+        every, n = self.cfg.run.valid_interval, self.num_updates
+        return every > 0 and (n % every == 0 or n >= self.cfg.run.max_updates)
+
     # ------------------------------------------------------------------ the loop
 
     def _batches(self):
@@ -277,12 +366,27 @@ class Trainer:
                 except TrainingCollapsed:
                     self.save()
                     raise
-                if self.num_updates % run.log_interval == 0 and self.num_updates != before:
+                advanced, row, improved, saved = self.num_updates != before, {}, False, None
+                if advanced and self.num_updates % run.log_interval == 0:
                     now = time.perf_counter()
-                    logger.write(self._log_row(interval, now - t_log))
+                    row = self._log_row(interval, now - t_log)
                     interval, t_log = defaultdict(float), now
-                if self.num_updates % run.save_interval == 0 and self.num_updates != before:
-                    self.save(numbered=True)
+                if advanced and self.valid_due():
+                    t0 = time.perf_counter()
+                    valid = self.validate()
+                    seconds = time.perf_counter() - t0
+                    t_log += seconds  # not training time
+                    row = {"update": self.num_updates, **row, **valid, "valid_seconds": seconds,
+                           "time": time.time()}
+                    if valid["valid_loss"] < self.best_valid:  # NaN never is
+                        self.best_valid, improved = valid["valid_loss"], True
+                if row:
+                    logger.write(row)
+                last = self.num_updates == run.max_updates  # saved here too: checkpoint_best may link to it
+                if advanced and (self.num_updates % run.save_interval == 0 or last):
+                    saved = self.save(numbered=True)
+                if improved:
+                    self.save_best(same_as=saved)
                 if stats["stop"] > 0:
                     self._stop()
             if self.saved_at != self.num_updates:
