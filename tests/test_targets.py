@@ -142,6 +142,30 @@ def test_kmeans_cross_entropy_sum():
     assert logs["acc_a"].item() == pytest.approx(1 / 3)
 
 
+def test_kmeans_unmasked_weight_adds_the_unmasked_frames():
+    """HuBERT's pred_nomask_weight: w x CE over the frames neither masked nor padding."""
+    cfg = KMeansConfig(labels=("a",), num_classes=(2,), unmasked_weight=0.5)
+    target = KMeansTarget(4, cfg)
+    with torch.no_grad():
+        target.heads["a"].weight.zero_()
+        target.heads["a"].bias.copy_(torch.tensor([math.log(3.0), 0.0]))  # p = (3/4, 1/4)
+    mask = torch.tensor([[True, False, False, False]])
+    padding = torch.tensor([[False, False, False, True]])  # frame 3 is padding: never counted
+    labels = {"a": torch.tensor([[0, 1, 0, 1]])}
+    batch = TargetBatch(features=torch.zeros(1, 4, 4), padding_mask=padding, mask=mask, labels=labels,
+                        hidden=torch.randn(1, 4, 4))
+    loss, logs = target.loss(torch.randn(1, 4), batch)
+    masked = -math.log(3 / 4)
+    unmasked = -math.log(1 / 4) - math.log(3 / 4)  # frames 1 and 2
+    assert logs["loss_a"].item() == pytest.approx(masked, rel=1e-5)  # the log stays masked-only
+    assert loss.item() == pytest.approx(masked + 0.5 * unmasked, rel=1e-5)
+    batch.hidden = None
+    with pytest.raises(ValueError, match="needs the student output at every frame"):
+        target.loss(torch.randn(1, 4), batch)
+    with pytest.raises(ValueError, match="unmasked_weight -1 must be >= 0"):
+        KMeansConfig(unmasked_weight=-1)
+
+
 def test_kmeans_label_errors():
     target = KMeansTarget(4, KMeansConfig(labels=("a",), num_classes=(2,)))
     mask = torch.ones(1, 3, dtype=torch.bool)

@@ -203,9 +203,11 @@ class MT4SSL(nn.Module):
         else:
             mask = torch.as_tensor(mask_indices, dtype=torch.bool, device=features.device)
         x = self.apply_mask(self.dropout_input(features), mask)
-        x = self.encoder(x, frame_padding).x[mask]  # student output at the masked frames
+        hidden = self.encoder(x, frame_padding).x
+        x = hidden[mask]  # student output at the masked frames
 
-        batch = TargetBatch(features=features, padding_mask=frame_padding, mask=mask, labels=labels or {})
+        batch = TargetBatch(features=features, padding_mask=frame_padding, mask=mask, labels=labels or {},
+                            hidden=hidden)
         loss, losses, logs = x.new_zeros((), dtype=torch.float32), {}, {}
         for kind, target in self.targets.items():
             losses[kind], target_logs = target.loss(x, batch)

@@ -26,12 +26,20 @@ class TargetBatch:
     padding_mask: (B, T) bool, True = padding frame; None when nothing is padded.
     mask: (B, T) bool, True = masked frame; masked frames are never padding.
     labels: label-set name -> (B, T) int64 frame labels (e.g. k-means cluster ids).
+    hidden: (B, T, C) the student's last-layer output at every frame (for a loss on the
+        unmasked frames too); None when the caller did not provide it.
     """
 
     features: torch.Tensor
     padding_mask: torch.Tensor | None
     mask: torch.Tensor
     labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+
+    def unmasked(self) -> torch.Tensor:
+        """(B, T) bool: the frames that are neither masked nor padding."""
+        keep = ~self.mask
+        return keep if self.padding_mask is None else keep & ~self.padding_mask
 
 
 class Target(nn.Module, abc.ABC):

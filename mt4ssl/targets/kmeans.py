@@ -4,6 +4,11 @@ One plain softmax classifier Linear(C, n_classes) per label set (e.g. "mfcc100",
 "hubert500"), cross-entropy summed over the masked frames; the label sets' losses add up.
 (MT4SSL's official code sizes the classifier by a fairseq dictionary, with 4 unused special
 symbols; here it has exactly n_classes outputs.)
+
+`unmasked_weight` is HuBERT's `pred_nomask_weight`: with w > 0 the same classifier also
+predicts the labels of the unmasked frames, adding w x their cross-entropy sum (the paper and
+HuBERT Base use 0: masked frames only). It trains the CNN directly on what the labels
+encode, a fast signal for short runs; the trainer still normalises by the masked frames.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class KMeansConfig:
     weight: float = 1.0
     labels: tuple[str, ...] = ("hubert500",)  # label-set names, as in the batch's `labels`
     num_classes: tuple[int, ...] = (500,)  # clusters of each label set
+    unmasked_weight: float = 0.0  # HuBERT's pred_nomask_weight; 0 = masked frames only (the paper)
 
     def __post_init__(self):
         if len(self.labels) != len(self.num_classes) or not self.labels:
@@ -29,12 +35,14 @@ class KMeansConfig:
                 f"kmeans.labels {self.labels} and kmeans.num_classes {self.num_classes} "
                 "must be non-empty and of the same length"
             )
+        if not self.unmasked_weight >= 0:
+            raise ValueError(f"kmeans.unmasked_weight {self.unmasked_weight} must be >= 0")
 
 
 class KMeansTarget(Target):
     def __init__(self, dim: int, cfg: KMeansConfig, encoder: nn.Module | None = None):
         super().__init__()
-        self.weight = cfg.weight
+        self.weight, self.unmasked_weight = cfg.weight, cfg.unmasked_weight
         self.heads = nn.ModuleDict(
             {name: nn.Linear(dim, n) for name, n in zip(cfg.labels, cfg.num_classes, strict=True)}
         )
@@ -59,4 +67,11 @@ class KMeansTarget(Target):
             with torch.no_grad():
                 logs[f"loss_{name}"] = ce.detach()
                 logs[f"acc_{name}"] = (logits.argmax(-1) == y).float().mean()
+            if self.unmasked_weight > 0:
+                if batch.hidden is None:
+                    raise ValueError("kmeans.unmasked_weight > 0 needs the student output at every frame "
+                                     "(TargetBatch.hidden)")
+                keep = batch.unmasked()
+                total = total + self.unmasked_weight * F.cross_entropy(
+                    head(batch.hidden[keep]).float(), labels[keep], reduction="sum")
         return total, logs
