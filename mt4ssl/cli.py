@@ -24,6 +24,7 @@ COMMANDS = {
     "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
     "probe": ("mt4ssl.finetune.probe", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
+    "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),
 }
 
 

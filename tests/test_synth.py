@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from mt4ssl.data import synth
-from mt4ssl.data.text import PHONES, TextGenerator, all_words, load_lexicon
+from mt4ssl.data.text import CONSONANTS, PHONES, VOWELS, TextGenerator, all_words, load_lexicon
 from mt4ssl.errors import InputError
 
 pytestmark = pytest.mark.skipif(
@@ -53,7 +53,9 @@ def read_split(split_dir: Path) -> dict[str, str]:
 
 def test_layout(corpus):
     assert sorted(p.name for p in corpus.iterdir()) == sorted(
-        [*synth.SPLITS, "lexicon.txt", synth.MARKER])
+        [*synth.SPLITS, "lexicon.txt", "alignments", synth.MARKER])
+    assert sorted(p.name for p in (corpus / "alignments").iterdir()) == sorted(
+        f"{split}.ctm" for split in synth.SPLITS)
     speakers = {str(v.speaker) for v in synth.VOICES[:TINY["speakers"]]}
     for split in synth.SPLITS:
         assert {p.name for p in (corpus / split).iterdir()} == speakers
@@ -110,7 +112,8 @@ def test_same_seed_same_corpus_other_seed_other_text(corpus, tmp_path):
     synth.synthesize(tmp_path / "again", seed=0, **{**TINY, "workers": 1})
     synth.synthesize(tmp_path / "other", seed=1, **TINY)
     texts = sorted(p.relative_to(corpus) for p in corpus.glob("*/*/*/*.trans.txt"))
-    for rel in texts + [Path("lexicon.txt")]:
+    ctms = sorted(p.relative_to(corpus) for p in corpus.glob("alignments/*.ctm"))
+    for rel in texts + ctms + [Path("lexicon.txt")]:
         assert (tmp_path / "again" / rel).read_bytes() == (corpus / rel).read_bytes(), rel
     for flac in corpus.glob("*/*/*/*.flac"):
         again = tmp_path / "again" / flac.relative_to(corpus)
@@ -118,6 +121,66 @@ def test_same_seed_same_corpus_other_seed_other_text(corpus, tmp_path):
     other = [(tmp_path / "other" / rel).read_text() for rel in texts
              if (tmp_path / "other" / rel).exists()]
     assert other and other != [(corpus / rel).read_text() for rel in texts]
+
+
+def read_ctm(path: Path) -> dict[str, list[tuple[float, float, str]]]:
+    """utterance id -> [(start, end, phone)], checking the line format."""
+    phones: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        utt_id, channel, start, duration, phone = line.split(" ")
+        assert channel == "1"
+        assert re.fullmatch(r"\d+\.\d{3}", start) and re.fullmatch(r"\d+\.\d{3}", duration)
+        phones.setdefault(utt_id, []).append((float(start), float(start) + float(duration), phone))
+    return phones
+
+
+def test_alignments_tile_every_flite_utterance(corpus):
+    flite = {str(v.speaker) for v in synth.VOICES if v.engine == "flite"}
+    allowed = set(VOWELS + CONSONANTS + ("SIL",))
+    marker = json.loads((corpus / synth.MARKER).read_text())
+    for split in synth.SPLITS:
+        alignments = read_ctm(corpus / "alignments" / f"{split}.ctm")
+        utts = read_split(corpus / split)
+        assert set(alignments) == {u for u in utts if u.split("-")[0] in flite} != set()
+        assert list(alignments) == sorted(alignments)
+        assert marker["splits"][split]["aligned"] == len(alignments)
+        for utt_id, phones in alignments.items():
+            speaker, chapter, _ = utt_id.split("-")
+            seconds = sf.info(str(corpus / split / speaker / chapter / f"{utt_id}.flac")).duration
+            assert phones[0][0] == 0 and phones[0][2] == phones[-1][2] == "SIL"
+            assert all(a[1] == pytest.approx(b[0]) for a, b in zip(phones, phones[1:]))
+            assert all(end > start for start, end, _ in phones)
+            assert abs(phones[-1][1] - seconds) <= 0.001  # tiles the audio
+            assert {p for _, _, p in phones} <= allowed and len(phones) > 10
+
+
+def test_flite_phones_fold_cut_and_check():
+    voice = synth.VOICES[2]
+    # 1.0 s of audio: the final pause is cut at the end of the audio, a pause after it dropped
+    assert synth.flite_phones("pau:0.200 dh:0.236 ax:0.270 axr:0.5 k:0.990 pau:1.100 pau:1.2\n",
+                              16000, voice) == [
+        (0, 200, "SIL"), (200, 236, "DH"), (236, 270, "AH"), (270, 500, "ER"), (500, 990, "K"),
+        (990, 1000, "SIL")]
+    with pytest.raises(RuntimeError, match="phone 'qq' of 'qq:0.300' is not in FLITE_PHONES"):
+        synth.flite_phones("pau:0.200 qq:0.300 pau:1.000", 16000, voice)
+    with pytest.raises(RuntimeError, match="'k:1.200' ends after the audio"):
+        synth.flite_phones("pau:0.200 k:1.200 pau:1.300", 16000, voice)
+    with pytest.raises(RuntimeError, match="phones end at 500 ms, the audio at 1000 ms"):
+        synth.flite_phones("pau:0.200 k:0.500", 16000, voice)
+    assert set(synth.FLITE_PHONES.values()) == set(VOWELS + CONSONANTS + ("SIL",))
+
+
+def test_corpus_of_an_older_format_is_rewritten(tmp_path):
+    out = tmp_path / "corpus"
+    small = dict(hours=0.002, dev_hours=0.001, test_hours=0.001, speakers=3, workers=1)
+    synth.synthesize(out, **small)
+    marker = json.loads((out / synth.MARKER).read_text())
+    del marker["settings"]["format"]  # as format 1 wrote it, without alignments
+    (out / synth.MARKER).write_text(json.dumps(marker))
+    shutil.rmtree(out / "alignments")
+    synth.synthesize(out, **small)
+    assert json.loads((out / synth.MARKER).read_text())["settings"]["format"] == synth.FORMAT
+    assert read_ctm(out / "alignments" / "dev-clean.ctm")  # speaker 102 is flite
 
 
 def test_voice_table():

@@ -4,6 +4,7 @@
     OUT/train-clean-100/SPK/CH/SPK-CH.trans.txt   `SPK-CH-0000 THE UPPERCASE TRANSCRIPT`
     OUT/dev-clean/...  OUT/test-clean/...
     OUT/lexicon.txt                               `WORD<TAB>PHONES` for every word used
+    OUT/alignments/{split}.ctm                    phone alignments of the flite utterances
     OUT/.mt4ssl-synth.json                        settings + summary, written last
 
 Speech comes from espeak-ng and flite (`VOICES`: each voice is one speaker id); text from
@@ -11,6 +12,19 @@ Speech comes from espeak-ng and flite (`VOICES`: each voice is one speaker id); 
 own random generator seeded from (seed, split, speaker): the corpus does not depend on the
 number of workers. A chapter adds utterances of 2-15 s until it holds its share of the
 split's hours (the hours split evenly over the speakers).
+
+Alignments: flite gives each phone's end time (`-psdur`), so every flite utterance has an
+exact phone alignment; espeak-ng gives none (it would need mbrola voices), so its utterances
+have no alignment. `alignments/{split}.ctm` is a Kaldi-style phone CTM, one phone per line,
+in utterance order:
+
+    UTT_ID 1 START DURATION PHONE        e.g.  102-1020-0000 1 0.184 0.052 DH
+
+times in seconds with 3 decimals (flite's own resolution), phones in the 39-phone ARPAbet set
+of `mt4ssl.data.text` (VOWELS + CONSONANTS, no stress) plus SIL for pauses; flite's phone set
+is folded into it by `FLITE_PHONES`. The phones of an utterance tile it from 0 to the end of
+its audio (within 1 ms). The diphone voices (kal, kal16) stop their audio 0.1-0.15 s into the
+final pause; that pause is cut at the end of the audio. `mt4ssl purity` reads these files.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mt4ssl.data.audio import SAMPLE_RATE, audio_info
-from mt4ssl.data.text import TextGenerator
+from mt4ssl.data.text import CONSONANTS, VOWELS, TextGenerator
 from mt4ssl.errors import InputError
 from mt4ssl.utils.io import atomic_write_text
 
@@ -40,6 +54,10 @@ SPLITS = ("train-clean-100", "dev-clean", "test-clean")
 MARKER = ".mt4ssl-synth.json"  # written last: the corpus is complete
 PARTIAL = ".mt4ssl-synth.partial"  # present while writing: the folder is ours to overwrite
 LEXICON = "lexicon.txt"
+ALIGNMENTS = "alignments"  # OUT/alignments/{split}.ctm
+# Version of the files written. Part of the marker's settings: a corpus written by an older
+# version (format 1 had no alignments) is rewritten rather than kept. Bump on any change.
+FORMAT = 2
 PROGRAMS = ("espeak-ng", "flite", "sox")  # Debian packages of the same names
 
 MIN_SECONDS, MAX_SECONDS = 2.0, 15.0
@@ -47,6 +65,14 @@ MIN_WORDS, MAX_WORDS = 5, 28  # target words per utterance, before the duration 
 SECONDS_PER_WORD = 0.35  # about, over the voices: caps the words of a chapter's last utterance
 MAX_DRAWS = 50  # sentences tried per utterance before giving up
 MAX_UTTERANCES = 10_000  # LibriSpeech's 4-digit utterance numbers
+MAX_CUT_MS = 20  # a flite phone (not a pause) may be cut this much by the end of the audio
+
+# flite's US English phone set (lang/usenglish/us_phoneset.c) -> the 39 ARPAbet phones + SIL.
+# The extra phones fold as in TIMIT's 61 -> 39 mapping (Lee & Hon 1989); the flap dx goes to
+# T, as CMUdict writes most flaps (WATER W AO1 T ER0). Any other phone is an error.
+FLITE_PHONES = {p.lower(): p for p in VOWELS + CONSONANTS} | {
+    "ax": "AH", "axr": "ER", "dx": "T", "el": "L", "em": "M", "en": "N", "nx": "N", "hv": "HH",
+    "pau": "SIL", "h#": "SIL", "brth": "SIL"}
 
 
 @dataclass(frozen=True)
@@ -66,15 +92,17 @@ class Voice:
     stretch: float = 1.0
     f0: int | None = None
 
-    def command(self, text: str) -> list[str]:
-        """The command that writes `text` as WAV to stdout."""
+    def command(self, text: str, wav: Path) -> list[str]:
+        """The command that speaks `text`. espeak-ng writes the WAV to stdout; flite writes it
+        to `wav` and prints the phones with their end times on stdout (`pau:0.184 dh:0.236 ...`,
+        seconds from the start of the WAV, whatever its sample rate)."""
         if self.engine == "espeak-ng":
             return ["espeak-ng", "-v", self.name, "-p", str(self.pitch), "-s", str(self.rate),
                     "--stdout", text]
         cmd = ["flite", "-voice", self.name, "--setf", f"duration_stretch={self.stretch}"]
         if self.f0 is not None:
             cmd += ["--setf", f"int_f0_target_mean={self.f0}"]
-        return cmd + ["-t", text, "-o", "/dev/stdout"]
+        return cmd + ["-psdur", "-t", text, "-o", str(wav)]
 
 
 def _espeak(speaker: int, name: str, pitch: int, rate: int) -> Voice:
@@ -176,7 +204,7 @@ def synthesize(out_dir: str | os.PathLike, hours: float = 0.5, dev_hours: float 
     _check_args(split_hours, n_speakers, workers)
     voices = VOICES[:n_speakers]
     settings = {"hours": hours, "dev_hours": dev_hours, "test_hours": test_hours,
-                "seed": seed, "speakers": [v.speaker for v in voices]}
+                "seed": seed, "speakers": [v.speaker for v in voices], "format": FORMAT}
     done = _finished(out)
     if done is not None and done["settings"] == settings:
         log.info("%s is already a complete corpus with these settings: kept", out)
@@ -194,16 +222,24 @@ def synthesize(out_dir: str | os.PathLike, hours: float = 0.5, dev_hours: float 
              " + ".join(f"{h:g}" for h in split_hours.values()), n_speakers, workers, out)
     results = _run_jobs(jobs, text, workers)
 
-    summary = {split: {"utterances": 0, "seconds": 0.0} for split in SPLITS}
+    summary = {split: {"utterances": 0, "seconds": 0.0, "aligned": 0} for split in SPLITS}
+    ctm: dict[str, list[str]] = {split: [] for split in SPLITS}
     words: set[str] = set()
-    for job, utterances in zip(jobs, results):
-        summary[job.split]["utterances"] += len(utterances)
-        summary[job.split]["seconds"] += sum(n for _, _, n in utterances) / SAMPLE_RATE
-        words.update(w for _, transcript, _ in utterances for w in transcript.split())
+    for job, utterances in zip(jobs, results):  # jobs and their utterances in id order
+        for utt in utterances:
+            summary[job.split]["utterances"] += 1
+            summary[job.split]["seconds"] += utt.samples / SAMPLE_RATE
+            words.update(utt.transcript.split())
+            if utt.phones is not None:
+                summary[job.split]["aligned"] += 1
+                ctm[job.split].extend(f"{utt.id} 1 {start / 1000:.3f} {(end - start) / 1000:.3f} "
+                                      f"{phone}\n" for start, end, phone in utt.phones)
     for s in summary.values():
         s["seconds"] = round(s["seconds"], 2)
     atomic_write_text(out / LEXICON, "".join(
         f"{w}\t{' '.join(text.lexicon[w])}\n" for w in sorted(words)))
+    for split, lines in ctm.items():
+        atomic_write_text(out / ALIGNMENTS / f"{split}.ctm", "".join(lines))
     atomic_write_text(out / MARKER, json.dumps(
         {"tool": "mt4ssl synth-corpus", "settings": settings, "splits": summary}, indent=2) + "\n")
     (out / PARTIAL).unlink()
@@ -262,6 +298,7 @@ def _claim(out: Path) -> None:
     atomic_write_text(out / PARTIAL, "mt4ssl synth-corpus is writing this folder\n")
     (out / MARKER).unlink(missing_ok=True)
     (out / LEXICON).unlink(missing_ok=True)
+    shutil.rmtree(out / ALIGNMENTS, ignore_errors=True)
     for split in SPLITS:
         shutil.rmtree(out / split, ignore_errors=True)
 
@@ -282,55 +319,103 @@ def _run_jobs(jobs: list[_Chapter], text: TextGenerator, workers: int) -> list[l
     return results
 
 
-def _write_chapter(job: _Chapter, text: TextGenerator) -> list[tuple[str, str, int]]:
-    """Write one chapter's FLACs, then its trans.txt; return (utt id, transcript, samples)."""
+Phones = list[tuple[int, int, str]]  # (start ms, end ms, phone) tiling an utterance
+
+
+@dataclass(frozen=True)
+class _Utterance:
+    id: str
+    transcript: str
+    samples: int
+    phones: Phones | None  # None: the engine gives no alignment (espeak-ng)
+
+
+def _write_chapter(job: _Chapter, text: TextGenerator) -> list[_Utterance]:
+    """Write one chapter's FLACs, then its trans.txt; return its utterances in id order."""
     rng = random.Random(f"mt4ssl-synth/{job.seed}/{job.split}/{job.voice.speaker}")
     prefix = f"{job.voice.speaker}-{job.chapter}"
     job.folder.mkdir(parents=True, exist_ok=True)
-    utterances: list[tuple[str, str, int]] = []
+    utterances: list[_Utterance] = []
     total = 0
     while total < job.seconds * SAMPLE_RATE:
         utt_id = f"{prefix}-{len(utterances):04d}"
         words_left = int((job.seconds - total / SAMPLE_RATE) / SECONDS_PER_WORD)
         max_words = min(MAX_WORDS, max(MIN_WORDS, words_left))
-        transcript, samples = _write_utterance(job.voice, text, rng, max_words,
-                                               job.folder / f"{utt_id}.flac")
-        utterances.append((utt_id, transcript, samples))
+        transcript, samples, phones = _write_utterance(job.voice, text, rng, max_words,
+                                                       job.folder / f"{utt_id}.flac")
+        utterances.append(_Utterance(utt_id, transcript, samples, phones))
         total += samples
     atomic_write_text(job.folder / f"{prefix}.trans.txt",
-                      "".join(f"{u} {t}\n" for u, t, _ in utterances))
+                      "".join(f"{u.id} {u.transcript}\n" for u in utterances))
     return utterances
 
 
 def _write_utterance(voice: Voice, text: TextGenerator, rng: random.Random, max_words: int,
-                     path: Path) -> tuple[str, int]:
-    """Draw sentences until one lasts 2-15 s; write it to `path`; return (transcript, samples)."""
+                     path: Path) -> tuple[str, int, Phones | None]:
+    """Draw sentences until one lasts 2-15 s; write it to `path`; return (transcript, samples,
+    phones)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         for _ in range(MAX_DRAWS):
             sentence = text.sentence(rng, rng.randint(MIN_WORDS, max_words))
-            samples = _speak(voice, sentence.text, tmp)
+            samples, phones = _speak(voice, sentence.text, tmp)
             if MIN_SECONDS * SAMPLE_RATE <= samples <= MAX_SECONDS * SAMPLE_RATE:
                 os.replace(tmp, path)
-                return sentence.transcript, samples
+                return sentence.transcript, samples, phones
     finally:
         tmp.unlink(missing_ok=True)
     raise RuntimeError(f"speaker {voice.speaker} ({voice.engine} {voice.name}): no sentence in "
                        f"{MAX_DRAWS} draws lasted {MIN_SECONDS:g}-{MAX_SECONDS:g} s")
 
 
-def _speak(voice: Voice, sentence: str, path: Path) -> int:
-    """Synthesize `sentence` into `path` as 16 kHz mono 16-bit FLAC; return its samples."""
-    wav = _run(voice.command(sentence), None, voice)
-    _run(["sox", "-D", "-V1", "-t", "wav", "-", "-t", "flac", "-r", str(SAMPLE_RATE), "-c", "1",
-          "-b", "16", str(path), "gain", "-n", "-3", "rate", str(SAMPLE_RATE)], wav, voice)
-    return audio_info(path)
+def _speak(voice: Voice, sentence: str, path: Path) -> tuple[int, Phones | None]:
+    """Synthesize `sentence` into `path` as 16 kHz mono 16-bit FLAC; return its samples and
+    (flite) its phones."""
+    wav = path.with_name(f"{path.name}.wav")  # flite's output, at the voice's sample rate
+    try:
+        printed = _run(voice.command(sentence, wav), voice, output=True)
+        from_pipe = voice.engine == "espeak-ng"
+        _run(["sox", "-D", "-V1", "-t", "wav", "-" if from_pipe else str(wav), "-t", "flac",
+              "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(path), "gain", "-n", "-3",
+              "rate", str(SAMPLE_RATE)], voice, stdin=printed if from_pipe else None)
+    finally:
+        wav.unlink(missing_ok=True)
+    samples = audio_info(path)
+    return samples, (None if from_pipe else flite_phones(printed.decode(), samples, voice))
 
 
-def _run(cmd: list[str], stdin: bytes | None, voice: Voice) -> bytes:
+def flite_phones(line: str, samples: int, voice: Voice) -> Phones:
+    """flite's `-psdur` line (`pau:0.184 dh:0.236 ...`, end times in s) -> (start ms, end ms,
+    phone) through `FLITE_PHONES`, cut at the end of the audio's `samples` (diphone voices
+    end their audio inside the final pause); phones left empty by the cut are dropped."""
+    who = f"speaker {voice.speaker} (flite {voice.name})"
+    audio_end = samples * 1000 // SAMPLE_RATE
+    phones: Phones = []
+    start = 0
+    for item in line.split():
+        name, _, end = item.rpartition(":")
+        if name not in FLITE_PHONES:
+            raise RuntimeError(f"{who}: phone {name!r} of {item!r} is not in FLITE_PHONES")
+        try:
+            end_ms = round(float(end) * 1000)
+        except ValueError:
+            raise RuntimeError(f"{who}: {item!r} is not PHONE:END_SECONDS") from None
+        phone = FLITE_PHONES[name]
+        if phone != "SIL" and end_ms > audio_end + MAX_CUT_MS:
+            raise RuntimeError(f"{who}: phone {item!r} ends after the audio ({audio_end} ms)")
+        end_ms = min(end_ms, audio_end)
+        if end_ms > start:
+            phones.append((start, end_ms, phone))
+            start = end_ms
+    if audio_end - start > MAX_CUT_MS:
+        raise RuntimeError(f"{who}: the phones end at {start} ms, the audio at {audio_end} ms")
+    return phones
+
+
+def _run(cmd: list[str], voice: Voice, stdin: bytes | None = None, output: bool = False) -> bytes:
+    """Run `cmd`; it must succeed and, if `output`, print something (an engine's WAV/phones)."""
     proc = subprocess.run(cmd, input=stdin, capture_output=True)
-    engine_silent = stdin is None and not proc.stdout  # an engine must write a WAV
-    if proc.returncode != 0 or engine_silent:
+    if proc.returncode != 0 or (output and not proc.stdout):
         err = proc.stderr.decode(errors="replace").strip()
         raise RuntimeError(f"speaker {voice.speaker}: `{' '.join(cmd[:3])} ...` failed "
                            f"(exit {proc.returncode}): {err}")
