@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_TOOLS := espeak-ng flite sox libsndfile1
 
-.PHONY: setup sysdeps demo test bench lock clean-demo
+.PHONY: setup sysdeps demo reproduce test bench lock clean-demo
 
 setup: $(STAMP) sysdeps
 
@@ -24,6 +24,10 @@ sysdeps:
 
 demo: setup
 	bash recipes/tiny/run.sh
+
+# MT4SSL vs HuBERT-like vs data2vec-like at CPU scale, 2 seeds each (about an hour on 2 cores)
+reproduce: setup
+	bash recipes/tiny/reproduce.sh
 
 test: setup
 	$(PY) -m pytest -q
