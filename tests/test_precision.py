@@ -87,7 +87,8 @@ def test_trainer_runs_what_auto_resolved_to(cpu_kind, monkeypatch):
     monkeypatch.setattr(pretrain.BucketBatchSampler, "__init__", stop)
     monkeypatch.setattr(pretrain, "PretrainDataset", _FakeDataset)
     cfg = load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "run.precision=auto",
-                                             "model.preset=tiny", "model.targets=[teacher]"])
+                                             "model.preset=tiny", "model.targets=[teacher]",
+                                             "run.valid_interval=0"])
     for amx, expected in ((False, (("fp32", None, False))), (True, ("bf16", torch.bfloat16, False))):
         cpu_kind(amx=amx, avx512_bf16=False)
         with pytest.raises(Probe):

@@ -248,7 +248,7 @@ def test_probe_command_input_errors(probe_data):
 # --------------------------------------------------------------------------- tools
 
 LOG_ROWS = [
-    {"update": 10, "loss": 9.0, "loss_kmeans": 6.2, "loss_teacher": 2.8, "lr": 1e-4, "target_std": 0.9,
+    {"update": 10, "loss": 9.0, "valid_loss_kmeans": 5.5, "loss_kmeans": 6.2, "loss_teacher": 2.8, "lr": 1e-4, "target_std": 0.9,
      "pred_std": 0.5, "audio_s_per_s": 3.0, "time": 1000.0},
     {"update": 20, "loss": 8.0, "loss_kmeans": 5.5, "loss_teacher": 2.5, "lr": 2e-4, "target_std": 0.8,
      "pred_std": 0.6, "audio_s_per_s": 12.0, "time": 1060.0},
@@ -256,7 +256,7 @@ LOG_ROWS = [
      "pred_std": 0.6, "audio_s_per_s": 14.0, "time": 1070.0},  # re-logged after a resume: wins
     {"update": 30, "loss": 7.0, "loss_kmeans": 4.75, "loss_teacher": 2.125, "lr": 3e-4,
      "target_std": 0.625, "pred_std": 0.7, "audio_s_per_s": 16.0, "time": 1180.0, "mem_gb": 0.1,
-     "acc_km100": 0.25},
+     "acc_km100": 0.25, "valid_loss_kmeans": 4.5},
 ]
 
 
@@ -277,13 +277,18 @@ def test_demo_table_has_the_numbers(run_dir, tmp_path, capsys):
     model.write_text(json.dumps({"features": "mt4ssl", "ckpt": "run/checkpoint_last.pt", "layer": "weighted",
                                  "layer_weights": [0.1, 0.2, 0.7], "updates": 1500,
                                  "per": {"valid": 0.3012, "test": 0.3187}}))
+    frames = tmp_path / "frames.json"
+    frames.write_text(json.dumps({"aligned": 18, "utterances": 57, "results": [
+        {"layer": 0, "phone_purity": 0.25, "cluster_purity": 0.125, "pnmi": 0.3,
+         "classifier": {"accuracy": 0.2734}},
+        {"layer": None, "phone_purity": 0.4, "cluster_purity": 0.3, "pnmi": 0.45}]}))
     random_init = tmp_path / "random.json"
     random_init.write_text(json.dumps({"features": "mt4ssl", "ckpt": "run/checkpoint_last.pt", "init": "random",
                                        "layer": 2, "per": {"valid": 0.9, "test": 0.91}}))
     out = tmp_path / "demo.md"
     assert demo_table.main(["--run", str(run_dir), "--probe", f"MFCC={mfcc}", "--probe", f"tiny={model}",
                             "--probe", f"untrained={random_init}", "--command", "make demo",
-                            "--out", str(out)]) == 0
+                            "--frames", f"tiny layers={frames}", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     md = out.read_text()
     assert "Command: `make demo`" in md and "Machine:" in md and "Date:" in md
@@ -295,6 +300,10 @@ def test_demo_table_has_the_numbers(run_dir, tmp_path, capsys):
     assert "throughput 15.0 s of audio per second" in md  # median of 14 and 16, first left out
     assert "| MFCC | mfcc | – | 41.2 % | 42.6 % | 1500 | 268 | 61.5 |" in md
     assert "| tiny | mt4ssl (`run/checkpoint_last.pt`) | weighted: 0.10 0.20 0.70 | 30.1 % | 31.9 % |" in md
+    assert "(18 of 57 utterances" in md
+    assert "| tiny layers | 0 | 27.3 % | 0.250 | 0.125 | 0.300 |" in md
+    assert "| tiny layers | – | – | 0.400 | 0.300 | 0.450 |" in md
+    assert "| validation (fixed masks): k-means cross-entropy | 5.5 | 4.5 |" in md
     # the untrained row names what it is: fresh weights, only the architecture from the checkpoint
     assert ("| untrained | mt4ssl, random init (architecture of `run/checkpoint_last.pt`) | 2 | 90.0 % | 91.0 % |"
             in md)

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 stage=0; stop_stage=100; exp=exp/tiny; hours=0.5; seed=0; nshard=2; k=100
-updates=250; probe_updates=700
+updates=400; probe_updates=1500
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -60,27 +60,48 @@ if step 4; then
   done
 fi
 
-run=$exp/pretrain; probes=$exp/probes
+run=$exp/pretrain; probes=$exp/probes; ali=$corpus/alignments; ckpt=$run/checkpoints/checkpoint_last.pt
+ctc=(--manifest-dir "$manifests" --lexicon "$corpus/lexicon.txt" --updates "$probe_updates")
+frames=(--manifest "$manifests/valid.tsv" --alignments "$ali/dev-clean.ctm" --fit-manifest "$manifests/train.tsv"
+        --fit-alignments "$ali/train-clean-100.ctm" --classifier)
+pids=()
+bg() { "$@" > "$probes/$(basename "${*: -1}" .json).log" 2>&1 & pids+=($!); }  # log named after --out
+wait_all() { local p; for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
+mkdir -p "$probes"
+
 if step 5; then
-  say 5 "tiny MT4SSL pretraining on CPU -> $run (resumes if interrupted)"
+  say 5 "tiny MT4SSL pretraining on CPU -> $run (resumes if interrupted); meanwhile, on the other core, the MFCC baselines"
+  [ -f "$probes/mfcc.json" ] || bg $MT4SSL probe --mfcc "${ctc[@]}" --out "$probes/mfcc.json"
+  [ -f "$probes/mfcc_frames.json" ] || bg $MT4SSL purity "${frames[@]}" --mfcc --out "$probes/mfcc_frames.json"
+  [ -f "$probes/mfcc_labels.json" ] || bg $MT4SSL purity --manifest "$manifests/valid.tsv" \
+    --alignments "$ali/dev-clean.ctm" --labels "$labels/valid.km" --out "$probes/mfcc_labels.json"
   $MT4SSL pretrain recipes/tiny/pretrain.yaml run.out_dir="$run" data.manifest_dir="$manifests" \
     "data.labels={mfcc100: $labels}" run.max_updates="$updates"
+  wait_all
 fi
 
 if step 6; then
-  say 6 "phone-recognition probes (linear CTC on frozen features, PER) -> $probes"
-  common=(--manifest-dir "$manifests" --lexicon "$corpus/lexicon.txt" --updates "$probe_updates")
-  [ -f "$probes/mfcc.json" ] || $MT4SSL probe --mfcc --out "$probes/mfcc.json" "${common[@]}"
-  [ -f "$probes/random_init.json" ] || $MT4SSL probe --ckpt "$run/checkpoints/checkpoint_last.pt" \
-    --random-init --out "$probes/random_init.json" "${common[@]}"
-  $MT4SSL probe --ckpt "$run/checkpoints/checkpoint_last.pt" --out "$probes/mt4ssl.json" "${common[@]}"
+  say 6 "probes of the untrained and the pretrained model, two at a time -> $probes"
+  # phone recognition (linear CTC on frozen layers, PER), then frame-level measures against
+  # the flite voices' alignments (linear frame phone classifier, k-means purity and PNMI)
+  [ -f "$probes/random_init.json" ] || bg $MT4SSL probe --ckpt "$ckpt" --random-init "${ctc[@]}" --out "$probes/random_init.json"
+  bg $MT4SSL probe --ckpt "$ckpt" "${ctc[@]}" --out "$probes/mt4ssl.json"
+  wait_all
+  [ -f "$probes/random_init_frames.json" ] || bg $MT4SSL purity "${frames[@]}" --ckpt "$ckpt" --random-init --out "$probes/random_init_frames.json"
+  bg $MT4SSL purity "${frames[@]}" --ckpt "$ckpt" --out "$probes/mt4ssl_frames.json"
+  wait_all
+  grep -h "^probe\|^purity" "$probes"/*.log || true
 fi
 
 if step 7; then
   say 7 "results table and learning curves -> results/"
   .venv/bin/python tools/demo_table.py --run "$run" --command "make demo  # bash recipes/tiny/run.sh" \
     --probe "MFCC (39-d)=$probes/mfcc.json" --probe "tiny model, random init=$probes/random_init.json" \
-    --probe "tiny MT4SSL, $updates updates=$probes/mt4ssl.json"
+    --probe "tiny MT4SSL, $updates updates=$probes/mt4ssl.json" \
+    --frames "MFCC k-means labels (the k-means target)=$probes/mfcc_labels.json" \
+    --frames "MFCC (39-d)=$probes/mfcc_frames.json" \
+    --frames "tiny model, random init=$probes/random_init_frames.json" \
+    --frames "tiny MT4SSL, $updates updates=$probes/mt4ssl_frames.json"
   .venv/bin/python tools/plot_curves.py "$run/log.jsonl" --out results/demo_curves.png
 fi
 
@@ -92,8 +113,8 @@ cat <<MSG
   features     $feats/{split}_{shard}_$nshard.{npy,len,json}
   k-means      $labels/km.npz
   labels       $labels/{train,valid,test}.km + dict.km.txt
-  checkpoint   $run/checkpoints/checkpoint_last.pt
+  checkpoint   $run/checkpoints/checkpoint_last.pt  (checkpoint_best.pt: lowest validation loss)
   TensorBoard  tensorboard --logdir $run/tb      (JSON lines: $run/log.jsonl)
-  probes       $probes/*.json
+  probes       $probes/*.json   (CTC PER: mfcc, random_init, mt4ssl; frame measures: *_frames, mfcc_labels)
   table, plot  results/demo.md, results/demo_curves.png
 MSG
