@@ -43,7 +43,7 @@ one_run() {  # variant seed: pretrain, then probe every saved checkpoint
       --out "$run/probe_$n.json" >> "$run.log" 2>&1
   done
   [ -f "$run/ctc_probe.json" ] || $MT4SSL probe --ckpt "$run/checkpoints/checkpoint_last.pt" \
-    --manifest-dir "$manifests" --lexicon "$exp/corpus/lexicon.txt" --out "$run/ctc_probe.json" >> "$run.log" 2>&1
+    --manifest-dir "$manifests" --lexicon "$exp/corpus/lexicon.txt" --updates 1500 --out "$run/ctc_probe.json" >> "$run.log" 2>&1
   echo "   $v seed $s done ($(( $(date +%s) - t_start )) s since start)"
 }
 
@@ -64,7 +64,7 @@ first=$out/mt4ssl-seed${seeds%% *}/checkpoints/checkpoint_last.pt
   --fit-alignments "$ali/train-clean-100.ctm" --ckpt "$first" --random-init --classifier \
   --out "$out/random_init_probe.json" > /dev/null 2>&1
 [ -f "$out/random_init_ctc.json" ] || $MT4SSL probe --ckpt "$first" --random-init \
-  --manifest-dir "$manifests" --lexicon "$exp/corpus/lexicon.txt" --out "$out/random_init_ctc.json" > /dev/null 2>&1
+  --manifest-dir "$manifests" --lexicon "$exp/corpus/lexicon.txt" --updates 1500 --out "$out/random_init_ctc.json" > /dev/null 2>&1
 
 [ -f "$out/mfcc_probe.json" ] || $MT4SSL purity --manifest "$manifests/valid.tsv" \
   --alignments "$ali/dev-clean.ctm" --fit-manifest "$manifests/train.tsv" \
