@@ -25,6 +25,7 @@ from report import write_section  # noqa: E402
 from mt4ssl.config import load_config  # noqa: E402
 from mt4ssl.train.config import PretrainConfig  # noqa: E402
 from mt4ssl.train.pretrain import train  # noqa: E402
+from mt4ssl.utils.precision import resolve_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             cfg = load_config(PretrainConfig, args.config, [
                 f"run.out_dir={out}", f"run.max_updates={args.updates}", f"run.precision={precision}",
-                f"run.device={args.device}", "run.log_interval=10", f"run.save_interval={10 * args.updates}"])
+                f"run.device={args.device}", "run.log_interval=10", f"run.save_interval={10 * args.updates}",
+                "run.valid_interval=0"])
             train(cfg)
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()][1:]
         med = {k: float(np.median([r[k] for r in log])) for k in ("audio_s_per_s", "updates_per_s", "data_wait_frac")}
@@ -50,11 +52,13 @@ def main() -> None:
                     f"{med['data_wait_frac']:.1%} | {log[-1]['mem_gb']:.2f} |")
         print(rows[-1], flush=True)
     d = cfg.data
+    auto, why = resolve_precision("auto", args.device)
     body = f"""Tiny MT4SSL (`{args.config.relative_to(ROOT)}`: {cfg.model_config().num_layers} layers x
 {cfg.model_config().embed_dim}, both targets) on the synthetic corpus, device `{args.device}`,
 batches of at most {d.max_tokens:,} samples ({d.max_tokens / 16000:.0f} s), {d.num_workers} data-loader
 worker(s), torch threads {cfg.run.threads or 'default'}; {args.updates} updates, medians over log
-intervals of 10 updates, the first interval left out.
+intervals of 10 updates, the first interval left out. `run.precision: auto` (the recipes'
+default) picks **{auto}** on this machine ({why}).
 
 | precision | audio s / s | updates / s | time waiting for data | peak RSS (GB) |
 |---|---:|---:|---:|---:|

@@ -61,36 +61,35 @@ def read_log(path: Path) -> list[dict]:
     return [rows[u] for u in sorted(rows)]
 
 
-def read_probe(spec: str) -> tuple[str, dict]:
+def _read_result(spec: str, option: str, command: str, check, needs: str) -> tuple[str, dict]:
+    """`NAME=path.json` of a `mt4ssl <command>` result; `check(result)` raises on a wrong shape."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
-        raise InputError(f"--probe {spec!r}: expected NAME=path.json")
+        raise InputError(f"{option} {spec!r}: expected NAME=path.json")
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: probe result not found")
+        raise InputError(f"{path}: {command} result not found")
     try:
         result = json.loads(path.read_text())
-        per = result["per"]
-        float(per["valid"]), float(per["test"])
+        check(result)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: not an `mt4ssl probe` result (needs per.valid and per.test)") from None
+        raise InputError(f"{path}: not an `mt4ssl {command}` result (needs {needs})") from None
     return name, result
+
+
+def read_probe(spec: str) -> tuple[str, dict]:
+    def check(r):
+        float(r["per"]["valid"]), float(r["per"]["test"])
+
+    return _read_result(spec, "--probe", "probe", check, "per.valid and per.test")
 
 
 def read_frames(spec: str) -> tuple[str, dict]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise InputError(f"--frames {spec!r}: expected NAME=path.json")
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: purity result not found")
-    try:
-        result = json.loads(path.read_text())
+    def check(result):
         for r in result["results"]:
             float(r["pnmi"]), float(r["phone_purity"]), float(r["cluster_purity"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: not an `mt4ssl purity` result (needs results[].pnmi, ...)") from None
-    return name, result
+
+    return _read_result(spec, "--frames", "purity", check, "results[].pnmi, phone_purity, cluster_purity")
 
 
 def frames_table(sources: list[tuple[str, dict]]) -> str:
