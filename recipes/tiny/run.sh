@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 stage=0; stop_stage=100; exp=exp/tiny; hours=0.5; seed=0; nshard=2; k=100
-updates=400; probe_updates=1500
+updates=400; probe_updates=3000
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
