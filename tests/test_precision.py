@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_auto_never_picks_fp16_and_bad_names_fail(cpu_kind):
 
 
 def test_config_accepts_auto_and_the_recipes_use_it():
-    cfg = load_config(PretrainConfig, "recipes/tiny/pretrain.yaml", [])
+    cfg = load_config(PretrainConfig, Path(__file__).parents[1] / "recipes/tiny/pretrain.yaml", [])
     assert cfg.run.precision == "auto"
     with pytest.raises(InputError, match=r"run\.precision: 'half' is not one of"):
         load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "run.precision=half"])
