@@ -14,8 +14,8 @@ run time, then use them as any s3prl upstream:
 s3prl's own runner (`run_downstream`) looks the name up with `getattr(s3prl.hub, NAME)`, so
 calling `register()` before it hands the runner these names too. The runner itself does not
 start on this project's stack without run-time fixes (undeclared imports, huggingface_hub
-2.x, torch's weights_only loading; ../shared/notes/s3prl.md); a project command that applies
-them and runs the SUPERB tasks is not part of mt4ssl yet, and this module is only the upstream.
+2.x, torch's weights_only loading; ../shared/notes/s3prl.md): `mt4ssl superb` (runner.py)
+applies them in `mt4ssl/superb/_s3prl_main.py` and runs the tasks with this upstream.
 
 From your own s3prl checkout or installation (mt4ssl installed in the same environment):
 either call `mt4ssl.superb.register()` in your script before s3prl looks the name up, or add

@@ -1,0 +1,177 @@
+"""`mt4ssl superb --task pr|ks --ckpt CKPT --data DIR --out EXPDIR`: one SUPERB task on a
+frozen upstream through s3prl 0.4.18's own runner and downstream code.
+
+1. Checks, before any training: the task name, the data layout and its splits
+   (`mt4ssl.superb.tasks`), the checkpoint (an mt4ssl checkpoint that loads), the options.
+2. Upstream: `--ckpt CKPT` (s3prl's `-u mt4ssl_local -k CKPT`); `--random-init` the same
+   architecture with fresh weights (written to EXPDIR/random_init.pt, seed `--seed`);
+   `--upstream fbank` s3prl's fbank baseline (no checkpoint).
+3. Writes EXPDIR/config.yaml (s3prl's SUPERB config of the task, paths filled in, steps
+   scaled by `--steps`, `--lr`) and EXPDIR/phoneme.txt (PR).
+4. Runs, each in a subprocess (`python -m mt4ssl.superb._s3prl_main`, s3prl's
+   `run_downstream` with the run-time fixes listed there), output in EXPDIR/train.log and
+   EXPDIR/test.log:
+       -m train --device D -u UPSTREAM [-k CKPT] -d TASK -c EXPDIR/config.yaml -p EXPDIR
+       -m evaluate --device D -e EXPDIR/dev-best.ckpt -t test
+   (the last states-N.ckpt when no dev-best.ckpt was written).
+5. Writes EXPDIR/result.json: task, upstream, ckpt (with --random-init: the checkpoint
+   whose architecture was used), random_init, lr, steps, metric (per: fraction, lower is
+   better; acc: fraction, higher is better), dev (best dev value during training), test (of
+   the states evaluated, `states`), data, counts (files per split), seconds (both runs).
+
+EXPDIR must be new or empty (s3prl would otherwise resume or mix runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mt4ssl.errors import InputError
+from mt4ssl.superb import tasks
+from mt4ssl.superb.tasks import TASKS, check_data, get_task, parse_metric, task_config
+from mt4ssl.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+UPSTREAMS = ("mt4ssl_local", "fbank")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help=f"SUPERB task: {', '.join(TASKS)}")
+    parser.add_argument("--ckpt", type=Path, help="mt4ssl checkpoint (not with --upstream fbank)")
+    parser.add_argument("--data", required=True, type=Path, help="task data folder (see mt4ssl.superb.tasks)")
+    parser.add_argument("--out", required=True, type=Path, help="experiment folder (new or empty)")
+    parser.add_argument("--upstream", default="mt4ssl_local", choices=UPSTREAMS,
+                        help="mt4ssl_local (--ckpt) or s3prl's fbank baseline")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the architecture of --ckpt with fresh weights")
+    parser.add_argument("--lr", type=float, help="learning rate (default: s3prl's, PR 1e-2, KS 1e-4)")
+    parser.add_argument("--steps", type=int, help="total steps (default: s3prl's, PR 100k, KS 200k); "
+                        "eval/save/log steps scale with it")
+    parser.add_argument("--eval-step", type=int, help="evaluate dev every N steps (default: scaled)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: s3prl's, PR 16, KS 32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
+    parser.add_argument("--seed", type=int, default=1337, help="s3prl's seed; also --random-init's (1337)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = superb(args.task, args.data, args.out, ckpt=args.ckpt, upstream=args.upstream,
+                    random_init=args.random_init, lr=args.lr, steps=args.steps,
+                    eval_step=args.eval_step, batch_size=args.batch_size, device=args.device,
+                    num_workers=args.num_workers, seed=args.seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def superb(task_name: str, data: Path, out: Path, ckpt: Path | None = None,
+           upstream: str = "mt4ssl_local", random_init: bool = False, lr: float | None = None,
+           steps: int | None = None, eval_step: int | None = None,
+           batch_size: int | None = None, device: str = "cpu",
+           num_workers: int = 0, seed: int = 1337) -> dict:
+    """Run one task (see the module docstring); return the result dict."""
+    task = get_task(task_name)
+    data, out = Path(data).resolve(), Path(out).resolve()
+    for name, value in (("--steps", steps), ("--eval-step", eval_step), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if lr is not None and not lr > 0:
+        raise InputError(f"--lr must be > 0, got {lr}")
+    if num_workers < 0:
+        raise InputError(f"--num-workers must be >= 0, got {num_workers}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: exists and is not an empty folder (s3prl would resume "
+                         f"or mix runs); give a new folder")
+    model = _check_upstream(upstream, ckpt, random_init)
+    counts = check_data(task, data)
+    log.info("%s data %s: %s", task.name, data, counts)
+    batch = batch_size or tasks.batch_size(task.config)
+    tasks.check_batches(task, counts, batch)
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    source = None if ckpt is None else str(Path(ckpt).resolve())
+    if random_init:
+        ckpt = _fresh_weights(model, out / "random_init.pt", seed)
+    config = task_config(task, data, out, steps, eval_step, lr, num_workers, batch_size)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    up = ["-u", upstream] + (["-k", str(Path(ckpt).resolve())] if upstream == "mt4ssl_local" else [])
+    common = ["--device", device, "--seed", str(seed), "-d", task.downstream]
+    train_out = _s3prl(["-m", "train", *common, *up, "-c", str(out / "config.yaml"), "-p", str(out)],
+                       out / "train.log")
+    states = out / "dev-best.ckpt"
+    if not states.is_file():
+        saved = sorted(out.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+        if not saved:
+            raise RuntimeError(f"s3prl training wrote no dev-best.ckpt or states-*.ckpt in {out}")
+        states = saved[-1]
+    dev = parse_metric(task, "dev", train_out, out)
+    seen = len(parse_metric(task, "test", "", out))  # KS: log.log holds training-time tests too
+    test_out = _s3prl(["-m", "evaluate", *common, "-e", str(states), "-t", "test"], out / "test.log")
+    test = parse_metric(task, "test", test_out, out)[seen:]
+    if not test:
+        raise RuntimeError(f"no test {task.metric} found in the s3prl output ({out / 'test.log'})")
+
+    result = {"task": task.name, "upstream": upstream,
+              "ckpt": source, "random_init": random_init, "lr": config["optimizer"]["lr"],
+              "steps": config["runner"]["total_steps"], "batch_size": batch, "metric": task.metric,
+              "dev": (min if not task.higher_better else max)(dev) if dev else None,
+              "test": test[-1], "states": states.name, "data": str(data), "counts": counts,
+              "seconds": round(time.perf_counter() - start, 1)}
+    atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _check_upstream(upstream: str, ckpt: Path | None, random_init: bool):
+    """The model of `ckpt` (checked to load), or None for fbank."""
+    if upstream == "fbank":
+        if ckpt is not None or random_init:
+            raise InputError("--upstream fbank takes no --ckpt / --random-init")
+        return None
+    if ckpt is None:
+        raise InputError("--ckpt CKPT is required (an mt4ssl checkpoint; --random-init uses its "
+                         "architecture), or use --upstream fbank")
+    from mt4ssl.models.checkpoint import load_model
+
+    try:
+        return load_model(ckpt)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{ckpt}: an mt4ssl checkpoint whose model does not load: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _fresh_weights(model, path: Path, seed: int) -> Path:
+    from mt4ssl.models.checkpoint import save_checkpoint
+    from mt4ssl.models.mt4ssl import MT4SSL
+
+    torch.manual_seed(seed)
+    save_checkpoint(path, MT4SSL(model.cfg), random_init_seed=seed)
+    return path
+
+
+def _s3prl(argv: list[str], logfile: Path) -> str:
+    """Run s3prl's run_downstream (with the fixes) in a subprocess; its output goes to
+    `logfile` and is returned. A failure raises with the end of the log."""
+    cmd = [sys.executable, "-m", "mt4ssl.superb._s3prl_main", *argv]
+    log.info("running %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(logfile, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    text = logfile.read_text()
+    if proc.returncode != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        raise RuntimeError(f"s3prl {argv[1]} failed (exit {proc.returncode}); log {logfile}:\n{tail}")
+    return text

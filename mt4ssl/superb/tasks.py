@@ -1,0 +1,229 @@
+"""The SUPERB tasks `mt4ssl superb` runs: s3prl's task configs, the data checks, the metrics.
+
+Hyper-parameters are s3prl 0.4.18's SUPERB configs, copied from the s3prl repository
+(github s3prl/s3prl at tag v0.4.18; the wheel ships no task YAMLs):
+  PR  s3prl/downstream/ctc/libriphone.yaml          (-d ctc)
+  KS  s3prl/downstream/speech_commands/config.yaml  (-d speech_commands)
+Changed: the data paths (absolute), `num_workers` (0 unless `--num-workers`; s3prl's 24 and
+8 are for GPU servers) and, when given, total_steps (`--steps`, with eval/save/log steps
+scaled), `--eval-step`, `--lr` and `--batch-size`.
+
+Data layouts (`--data DIR`):
+  PR  DIR/{train-clean-100,dev-clean,test-clean}/SPK/CH/SPK-CH-UTT.flac + SPK-CH.trans.txt
+      and DIR/lexicon.txt (`WORD<TAB>PHONES`, ARPAbet with stress): LibriSpeech with a
+      lexicon, or `mt4ssl synth-corpus`.
+  KS  DIR/train/<word>/<spk>_nohash_<n>.wav + DIR/train/_background_noise_/*.wav (Speech
+      Commands v1, e.g. speech_commands_v0.01) and DIR/test/<12 classes>/*.wav (the v0.01
+      test set); `mt4ssl synth-superb --task ks` writes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+
+from mt4ssl.errors import InputError
+from mt4ssl.superb import libriphone
+
+PR_SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
+KS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+KS_CLASSES = KS_WORDS + ("_unknown_", "_silence_")
+BACKGROUND = "_background_noise_"
+
+PR_CONFIG = {  # s3prl/downstream/ctc/libriphone.yaml
+    "runner": {"total_steps": 100000, "gradient_clipping": 1, "gradient_accumulate_steps": 2,
+               "log_step": 100, "eval_step": 1000, "save_step": 100, "max_keep": 1,
+               "eval_dataloaders": ["dev"]},
+    "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-2},
+    "downstream_expert": {
+        "corpus": {"name": "libriphone", "path": None, "lexicon": None,
+                   "train": [PR_SPLITS["train"]], "dev": [PR_SPLITS["dev"]], "test": [PR_SPLITS["test"]],
+                   "bucketing": True, "batch_size": 16, "num_workers": 24},
+        "text": {"mode": "word", "vocab_file": None},
+        "model": {"project_dim": 256, "zero_infinity": True, "select": "FrameLevel",
+                  "Wav2Letter": {"total_rate": 320},
+                  "RNNs": {"total_rate": 320, "module": "LSTM", "bidirection": True,
+                           "dim": [1024, 1024, 1024], "dropout": [0.2, 0.2, 0.2],
+                           "layer_norm": [True, True, True], "proj": [True, True, True],
+                           "sample_rate": [1, 1, 1], "sample_style": "concat"}},
+        "save_best_on": ["dev"], "metric_higher_better": False, "metric": ["per"]},
+}
+
+KS_CONFIG = {  # s3prl/downstream/speech_commands/config.yaml
+    "runner": {"total_steps": 200000, "gradient_clipping": 1, "gradient_accumulate_steps": 1,
+               "log_step": 100, "eval_step": 5000, "save_step": 1000, "max_keep": 1,
+               "eval_dataloaders": ["dev", "test"]},
+    "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-4},
+    "downstream_expert": {
+        "datarc": {"speech_commands_root": None, "speech_commands_test_root": None,
+                   "num_workers": 8, "batch_size": 32},
+        "modelrc": {"projector_dim": 256, "select": "UtteranceLevel",
+                    "UtteranceLevel": {"pooling": "MeanPooling"}}},
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # pr | ks
+    downstream: str  # s3prl's -d
+    config: dict
+    metric: str  # s3prl's name of the metric printed / logged
+    higher_better: bool
+
+
+TASKS = {
+    "pr": Task("pr", "ctc", PR_CONFIG, "per", False),
+    "ks": Task("ks", "speech_commands", KS_CONFIG, "acc", True),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise InputError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_config(task: Task, data: Path, expdir: Path, steps: int | None, eval_step: int | None,
+                lr: float | None, num_workers: int, batch_size: int | None = None) -> dict:
+    """s3prl's config for `task` with paths (absolute), steps, lr, batch size and workers.
+
+    `steps` sets total_steps; eval_step shrinks by the same factor, but to no fewer steps
+    than steps / 20 (short runs: s3prl's ratio would evaluate dev 100 times for PR, 40 for
+    KS) and no more than s3prl's; save_step and log_step follow eval_step (s3prl saves no
+    states at the last step, so they coincide with the evaluations). `eval_step` sets
+    eval_step (and save_step at most that)."""
+    cfg = copy.deepcopy(task.config)
+    runner = cfg["runner"]
+    if steps is not None:
+        scaled = round(runner["eval_step"] * steps / runner["total_steps"])
+        every = min(runner["eval_step"], max(1, scaled, -(-steps // 20)))
+        runner["total_steps"] = steps
+        runner["eval_step"] = runner["save_step"] = runner["log_step"] = every
+    if eval_step is not None:
+        runner["eval_step"] = eval_step
+        runner["save_step"] = min(runner["save_step"], eval_step)
+    for key in ("eval_step", "save_step", "log_step"):
+        runner[key] = min(runner[key], runner["total_steps"])
+    if lr is not None:
+        cfg["optimizer"]["lr"] = lr
+    ds = cfg["downstream_expert"]
+    if task.name == "pr":
+        vocab = libriphone.write_vocab(expdir / "phoneme.txt")
+        ds["corpus"].update(path=str(data), lexicon=[str(data / "lexicon.txt")], num_workers=num_workers)
+        ds["corpus"]["batch_size"] = batch_size or ds["corpus"]["batch_size"]
+        ds["text"]["vocab_file"] = str(vocab)
+    else:
+        ds["datarc"].update(speech_commands_root=str(data / "train"),
+                            speech_commands_test_root=str(data / "test"), num_workers=num_workers)
+        ds["datarc"]["batch_size"] = batch_size or ds["datarc"]["batch_size"]
+    return cfg
+
+
+def batch_size(cfg: dict) -> int:
+    ds = cfg["downstream_expert"]
+    return (ds["corpus"] if "corpus" in ds else ds["datarc"])["batch_size"]
+
+
+def check_batches(task: Task, counts: dict, batch: int) -> None:
+    """KS's training loader drops the last partial batch (s3prl's `drop_last=True`): with
+    fewer training items than one batch an epoch has no step and s3prl loops for ever."""
+    if task.name == "ks" and counts["train"] + counts["noise"] < batch:
+        raise InputError(f"KS: the training set has {counts['train']} files + {counts['noise']} "
+                         f"background noises, fewer than one batch of {batch} (s3prl drops the "
+                         f"last partial batch, so training would never take a step); add data "
+                         f"or give a smaller --batch-size")
+
+
+# ---------------------------------------------------------------------------- data checks
+
+
+def check_data(task: Task, data: Path) -> dict:
+    """Check `data`'s layout for `task` before any training; return counts per split."""
+    if not data.is_dir():
+        raise InputError(f"--data {data}: not a folder")
+    return _check_pr(data) if task.name == "pr" else _check_ks(data)
+
+
+def _check_pr(data: Path) -> dict:
+    lexicon_file = data / "lexicon.txt"
+    if not lexicon_file.is_file():
+        raise InputError(f"--data {data}: no lexicon.txt (WORD<TAB>PHONES, ARPAbet with stress)")
+    lexicon = libriphone.read_lexicon([lexicon_file])
+    counts = {}
+    for role, split in PR_SPLITS.items():
+        folder = data / split
+        if not folder.is_dir():
+            raise InputError(f"--data {data}: missing split {split}/ (the {role} split; PR needs "
+                             f"{', '.join(s + '/' for s in PR_SPLITS.values())})")
+        flacs = sorted(folder.glob("*/*/*.flac"))
+        if not flacs:
+            raise InputError(f"{folder}: no SPK/CH/SPK-CH-UTT.flac files (LibriSpeech layout)")
+        transcripts = libriphone.read_transcripts(folder)
+        for f in flacs:
+            if f.stem not in transcripts:
+                raise InputError(f"{f}: no line for {f.stem} in {f.parent}/*.trans.txt")
+            libriphone.to_phones(f.stem, transcripts[f.stem], lexicon)
+        counts[split] = len(flacs)
+    return counts
+
+
+def dev_split(name: str) -> str:
+    """s3prl's Speech Commands split of a file name (speech_commands/expert.py split_dataset):
+    'dev', 'test' (dropped by s3prl) or 'train', from a hash of the speaker prefix."""
+    speaker = re.sub(r"_nohash_.*$", "", name)
+    max_uttr = 2 ** 27 - 1
+    percent = (int(hashlib.sha1(speaker.encode()).hexdigest(), 16) % (max_uttr + 1)) * (100.0 / max_uttr)
+    return "dev" if percent < 10 else "test" if percent < 20 else "train"
+
+
+def _check_ks(data: Path) -> dict:
+    train, test = data / "train", data / "test"
+    for folder, what in ((train, "the Speech Commands v0.01 training root"),
+                         (test, "the v0.01 test set root")):
+        if not folder.is_dir():
+            raise InputError(f"--data {data}: missing split {folder.name}/ ({what})")
+    counts = {"train": 0, "dev": 0, "test": 0}
+    for word in KS_WORDS:
+        wavs = sorted((train / word).glob("*.wav"))
+        if not wavs:
+            raise InputError(f"{train}: no {word}/*.wav (each of the 10 command words needs files)")
+    for folder in sorted(p for p in train.iterdir() if p.is_dir() and p.name != BACKGROUND):
+        for wav in folder.glob("*.wav"):
+            split = dev_split(wav.name)
+            if split != "test":
+                counts[split] += 1
+    if counts["dev"] == 0 or counts["train"] == 0:
+        empty = "dev" if counts["dev"] == 0 else "train"
+        raise InputError(f"{train}: s3prl's speaker-hash split leaves the {empty} set empty; "
+                         f"use more (or other) speaker ids (<spk>_nohash_<n>.wav)")
+    noise = sorted((train / BACKGROUND).glob("*.wav"))
+    if not noise:
+        raise InputError(f"{train}: no {BACKGROUND}/*.wav (the _silence_ class)")
+    for wav in noise:
+        if sf.info(str(wav)).frames < 16000:
+            raise InputError(f"{wav}: background noise must last at least 1 s at 16 kHz")
+    missing = [c for c in KS_CLASSES if not any((test / c).glob("*.wav"))]
+    if missing:
+        raise InputError(f"{test}: no wavs in class folder(s) {', '.join(missing)} (the test root "
+                         f"needs all 12: {', '.join(KS_CLASSES)})")
+    counts["noise"] = len(noise)
+    counts["test"] = sum(len(list((test / c).glob("*.wav"))) for c in KS_CLASSES)
+    return counts
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def parse_metric(task: Task, split: str, stdout: str, expdir: Path) -> list[float]:
+    """Every value of `split`'s metric a run reported, in order: PR from the printed
+    `{split} per: X` lines, KS from EXPDIR/log.log `{split} at step N: X` lines."""
+    if task.name == "pr":
+        return [float(x) for x in re.findall(rf"^{split} per: ([0-9.eE+-]+)$", stdout, re.M)]
+    log = expdir / "log.log"
+    text = log.read_text() if log.is_file() else ""
+    return [float(x) for x in re.findall(rf"^{split} at step \d+: ([0-9.eE+-]+)$", text, re.M)]

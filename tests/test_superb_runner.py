@@ -1,0 +1,190 @@
+"""`mt4ssl superb` (mt4ssl.superb.runner): PR and KS end to end through s3prl 0.4.18's own
+runner on CPU (a few steps, tiny model, tiny data), and every input error raised before any
+s3prl process starts. Also the synthetic KS corpus and the PR phone vocab/lexicon checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("s3prl")
+
+from mt4ssl.cli import main  # noqa: E402
+from mt4ssl.data import synth  # noqa: E402
+from mt4ssl.data.text import WORD_PHONES  # noqa: E402
+from mt4ssl.errors import InputError  # noqa: E402
+from mt4ssl.models.checkpoint import save_checkpoint  # noqa: E402
+from mt4ssl.models.mt4ssl import MT4SSL  # noqa: E402
+from mt4ssl.superb import libriphone, runner, tasks  # noqa: E402
+from mt4ssl.superb.synth_ks import synth_ks  # noqa: E402
+from tests.conftest import small_model_config, write_tree  # noqa: E402
+
+needs_tts = pytest.mark.skipif(any(shutil.which(p) is None for p in synth.PROGRAMS),
+                               reason=f"needs {', '.join(synth.PROGRAMS)}")
+
+LEXICON = {"HELLO": "HH AH0 L OW1", "WORLD": "W ER1 L D", "SPEECH": "S P IY1 CH",
+           "MODEL": "M AA1 D AH0 L", "CLUSTER": "K L AH1 S T ER0", "LABEL": "L EY1 B AH0 L",
+           "FRAME": "F R EY1 M"}
+PR_LENGTHS = {"train-clean-100": [32001, 40007, 48319, 35555], "dev-clean": [32999, 41601],
+              "test-clean": [36001, 30011]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, MT4SSL(small_model_config()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pr_data(tmp_path_factory) -> Path:
+    root = write_tree(tmp_path_factory.mktemp("pr") / "libri", PR_LENGTHS)
+    (root / "lexicon.txt").write_text("".join(f"{w}\t{p}\n" for w, p in LEXICON.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ks_data(tmp_path_factory) -> Path:
+    if any(shutil.which(p) is None for p in synth.PROGRAMS):
+        pytest.skip(f"needs {', '.join(synth.PROGRAMS)}")
+    return tmp_path_factory.mktemp("ks") / "speech_commands"
+
+
+@pytest.fixture
+def no_s3prl(monkeypatch):
+    """Fail the test if the runner would start s3prl."""
+    def refuse(argv, logfile):
+        raise AssertionError(f"s3prl started: {argv}")
+    monkeypatch.setattr(runner, "_s3prl", refuse)
+
+
+def test_pr_end_to_end(pr_data, ckpt, tmp_path):
+    out = tmp_path / "pr"
+    rc = main(["superb", "--task", "pr", "--ckpt", str(ckpt), "--data", str(pr_data),
+               "--out", str(out), "--steps", "3", "--eval-step", "3"])
+    assert rc == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["task"] == "pr" and result["metric"] == "per" and result["steps"] == 3
+    assert result["lr"] == 1e-2 and result["states"] == "dev-best.ckpt"
+    assert isinstance(result["test"], float) and result["test"] >= 0
+    assert isinstance(result["dev"], float)
+    assert (out / "test-hyp.ark").is_file()
+    assert (out / "phoneme.txt").read_text().split() == list(libriphone.PHONES)
+    cfg = (out / "config.yaml").read_text()
+    assert "total_steps: 3" in cfg and str(pr_data) in cfg
+
+
+@needs_tts
+def test_ks_end_to_end(ks_data, ckpt, tmp_path):
+    counts = synth_ks(ks_data, speakers=2, test_speakers=1, unknown=1)
+    assert counts["dev"] > 0 and counts["train"] > 0 and counts["test"] == 10 + 1 + 3
+    assert sorted(p.name for p in (ks_data / "test").iterdir()) == sorted(tasks.KS_CLASSES)
+    out = tmp_path / "ks"
+    with pytest.raises(InputError, match="fewer than one batch of 32"):  # s3prl would loop for ever
+        runner.superb("ks", ks_data, out, ckpt=ckpt, steps=3)
+    result = runner.superb("ks", ks_data, out, ckpt=ckpt, random_init=True, steps=3, eval_step=3,
+                           lr=1e-3, batch_size=4)
+    assert result == json.loads((out / "result.json").read_text())
+    assert result["metric"] == "acc" and 0 <= result["test"] <= 1 and result["lr"] == 1e-3
+    assert result["random_init"] and (out / "random_init.pt").is_file() and result["batch_size"] == 4
+    assert "test at step" in (out / "log.log").read_text()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_errors_before_training(pr_data, ckpt, tmp_path, no_s3prl):
+    out = tmp_path / "out"
+    bad_ckpt = tmp_path / "plain.pt"
+    torch.save({"model": {}}, bad_ckpt)
+    cases = {
+        "unknown task 'asr'": dict(task_name="asr"),
+        "not an mt4ssl checkpoint": dict(ckpt=bad_ckpt),
+        "checkpoint not found": dict(ckpt=tmp_path / "nope.pt"),
+        "--ckpt CKPT is required": dict(ckpt=None),
+        "takes no --ckpt": dict(upstream="fbank"),
+        "--steps must be >= 1": dict(steps=0),
+    }
+    for message, kwargs in cases.items():
+        kwargs = {"task_name": "pr", "data": pr_data, "out": out, "ckpt": ckpt, **kwargs}
+        with pytest.raises(InputError, match=message):
+            runner.superb(**kwargs)
+    data = _copy(pr_data, tmp_path / "missing")
+    shutil.rmtree(data / "dev-clean")
+    with pytest.raises(InputError, match="missing split dev-clean"):
+        runner.superb("pr", data, out, ckpt=ckpt)
+    data = _copy(pr_data, tmp_path / "layout")
+    for f in (data / "test-clean").rglob("*.flac"):
+        f.rename(data / "test-clean" / f.name)  # flat, not SPK/CH/
+    with pytest.raises(InputError, match="no SPK/CH/SPK-CH-UTT.flac"):
+        runner.superb("pr", data, out, ckpt=ckpt)
+    data = _copy(pr_data, tmp_path / "oov")
+    (data / "lexicon.txt").write_text("HELLO\tHH AH L OW\n")  # no stress, and words missing
+    with pytest.raises(InputError, match="not in the 71-phone vocab"):
+        runner.superb("pr", data, out, ckpt=ckpt)
+    with pytest.raises(InputError, match="missing split train/"):
+        runner.superb("ks", pr_data, out, ckpt=ckpt)
+    assert not out.exists()  # nothing written, no s3prl run
+    out.mkdir()
+    (out / "states-10.ckpt").write_text("old run")
+    with pytest.raises(InputError, match="not an empty folder"):
+        runner.superb("pr", pr_data, out, ckpt=ckpt)
+
+
+def test_cli_error_message(pr_data, ckpt, tmp_path, capsys, no_s3prl):
+    rc = main(["superb", "--task", "sid", "--ckpt", str(ckpt), "--data", str(pr_data),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "mt4ssl superb: error: unknown task 'sid'" in capsys.readouterr().err
+
+
+def test_ks_layout_errors(tmp_path, ckpt, no_s3prl):
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path / "sc"
+
+    def wav(path, n=16000):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), np.zeros(n, np.float32), 16000)
+
+    spk = [f"{i:08x}" for i in range(40)]
+    for w in tasks.KS_WORDS:
+        for s in spk:
+            wav(root / "train" / w / f"{s}_nohash_0.wav", 400)
+    for c in tasks.KS_CLASSES[:-1]:
+        wav(root / "test" / c / "a_nohash_0.wav", 400)
+    with pytest.raises(InputError, match=r"no _background_noise_/\*.wav"):
+        tasks.check_data(tasks.get_task("ks"), root)
+    wav(root / "train" / "_background_noise_" / "short.wav", 8000)
+    with pytest.raises(InputError, match="at least 1 s"):
+        tasks.check_data(tasks.get_task("ks"), root)
+    wav(root / "train" / "_background_noise_" / "short.wav", 32000)
+    with pytest.raises(InputError, match="_silence_"):
+        tasks.check_data(tasks.get_task("ks"), root)
+    wav(root / "test" / "_silence_" / "a_nohash_0.wav")
+    counts = tasks.check_data(tasks.get_task("ks"), root)
+    assert counts["dev"] > 0 and counts["train"] > 0 and counts["test"] == 12 and counts["noise"] == 1
+    assert counts["dev"] == 10 * sum(tasks.dev_split(f"{s}_nohash_0.wav") == "dev" for s in spk)
+
+
+def test_vocab_and_config_scaling(tmp_path):
+    assert len(libriphone.PHONES) == 71 and set(libriphone.PHONES) == WORD_PHONES | {"SIL", "SPN"}
+    assert libriphone.PHONES[:4] == ("SIL", "SPN", "AA0", "AA1") and libriphone.PHONES[-1] == "ZH"
+    pr = tasks.task_config(tasks.get_task("pr"), tmp_path, tmp_path, 2000, None, None, 0)
+    assert pr["runner"]["total_steps"] == 2000 and pr["runner"]["eval_step"] == 100  # 20 evals
+    assert pr["runner"]["save_step"] == 100 and pr["optimizer"]["lr"] == 1e-2
+    assert tasks.task_config(tasks.get_task("pr"), tmp_path, tmp_path, 50000, None, None, 0)["runner"][
+        "eval_step"] == 1000  # s3prl's
+    full = tasks.task_config(tasks.get_task("pr"), tmp_path, tmp_path, None, None, None, 0)["runner"]
+    assert (full["total_steps"], full["eval_step"], full["save_step"]) == (100000, 1000, 100)
+    assert pr["downstream_expert"]["corpus"]["lexicon"] == [str(tmp_path / "lexicon.txt")]
+    ks = tasks.task_config(tasks.get_task("ks"), tmp_path, tmp_path, None, 7, 3e-4, 0)
+    assert ks["runner"]["total_steps"] == 200000 and ks["runner"]["eval_step"] == 7
+    assert ks["optimizer"]["lr"] == 3e-4 and tasks.KS_CONFIG["optimizer"]["lr"] == 1e-4
