@@ -33,6 +33,7 @@ def test_table_and_plot(tmp_path, capsys):
     write_run(runs / "mt4ssl-seed2", 0.34, 0.74, 4.2)
     write_run(runs / "hubert_like-seed1", 0.28, 0.80, 4.1)
     write_run(runs / "data2vec_like-seed1", 0.22, 0.85, None)
+    (runs / "data2vec_like-seed1" / "collapsed.txt").write_text("training collapsed at update 7: target_std = 0.05 < 0.1\n")
     (runs / "random_init_probe.json").write_text(json.dumps(purity_result([0.18], [0.2], [0.21])))
     (runs / "random_init_ctc.json").write_text(json.dumps({"per": {"valid": 0.896, "test": 0.891}}))
     (runs / "mfcc_probe.json").write_text(json.dumps(purity_result([0.584], [0.6], [0.452])))
@@ -48,6 +49,8 @@ def test_table_and_plot(tmp_path, capsys):
     assert "| same architecture, random init | – | 0 | 18.0 | 0.210 | 89.6 | 89.1 |" in md
     assert "| MFCC (39-d), no model | – | – | 58.4 | 0.452 |" in md
     assert "| MT4SSL (k-means + teacher) | 20.0 | 32.0 |" in md  # the per-checkpoint table
+    assert "data2vec-like (teacher only), seed 1: **training collapsed at update 7: target_std = 0.05 < 0.1**" in md
+    assert "MT4SSL (k-means + teacher), seed" not in md  # finished runs have no such line
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".png"))]
 

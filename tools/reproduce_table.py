@@ -66,7 +66,9 @@ def read_run(folder: Path) -> dict:
     ctc = _json(folder / "ctc_probe.json")
     valid = [r for r in rows if "valid_loss" in r]
     times = [r["time"] for r in rows if "time" in r]
+    collapsed = folder / "collapsed.txt"
     return {"updates": rows[-1]["update"], "points": points, "per": ctc["per"],
+            "collapsed": collapsed.read_text().strip() if collapsed.is_file() else None,
             "valid": valid[-1] if valid else {}, "minutes": (times[-1] - times[0]) / 60 if len(times) > 1 else None}
 
 
@@ -117,16 +119,22 @@ def render(runs: dict[str, list[dict]], seeds: dict[str, list[int]], baselines: 
                  f"| {100 * rand_ctc['per']['valid']:.1f} | {100 * rand_ctc['per']['test']:.1f} | – | – | – |")
     lines.append(f"| MFCC (39-d), no model | – | – | {100 * mfcc['accuracy']:.1f} | {mfcc['pnmi']:.3f} "
                  "| see results/demo.md | | – | – | – |")
-    lines += ["", "Frame phone accuracy (%) at each probed checkpoint, mean over seeds:", "",
-              "| variant | " + " | ".join(f"update {u}" for u, _ in runs[next(iter(runs))][0]["points"]) + " |",
-              "|---|" + "---:|" * len(runs[next(iter(runs))][0]["points"])]
+    for variant, rs in runs.items():
+        for r, seed in zip(rs, seeds[variant]):
+            if r["collapsed"]:
+                lines.append(f"\n{VARIANTS[variant]}, seed {seed}: **{r['collapsed']}** (the collapse guard "
+                             "stopped the run; its row uses the checkpoints it had saved, the CTC probe the "
+                             "state it stopped at).")
+    updates = sorted({u for rs in runs.values() for r in rs for u, _ in r["points"]})
+    lines += ["", "Frame phone accuracy (%) at each probed checkpoint, mean over the seeds that reached it:", "",
+              "| variant | " + " | ".join(f"update {u}" for u in updates) + " |", "|---|" + "---:|" * len(updates)]
     for variant, rs in runs.items():
         by_update = defaultdict(list)
         for r in rs:
             for u, f in r["points"]:
                 by_update[u].append(f["accuracy"])
         lines.append(f"| {VARIANTS[variant]} | " + " | ".join(
-            f"{100 * statistics.mean(v):.1f}" for _, v in sorted(by_update.items())) + " |")
+            f"{100 * statistics.mean(by_update[u]):.1f}" if by_update[u] else "–" for u in updates) + " |")
     lines += ["", "Plot: `results/reproduce.png`.", ""]
     return "\n".join(lines)
 
