@@ -41,7 +41,7 @@ def test_table_and_plot(tmp_path, capsys):
     assert reproduce_table.main(["--runs", str(runs), "--command", "make reproduce", "--out", str(out),
                                  "--seconds", "600"]) == 0
     md = out.read_text()
-    assert "Command: `make reproduce`" in md and "Wall time of the whole command: 10.0 min" in md
+    assert "Command: `make reproduce`" in md and "Wall time of this invocation: 10.0 min" in md
     # mean ± half range over the two seeds; layer picked by training accuracy (layer 1)
     assert "| MT4SSL (k-means + teacher) | 1 2 | 10 | 32.0 ± 2.0 | 0.300 ± 0.000 | 72.0 ± 2.0 | 73.0 ± 2.0 " \
            "| 4.100 ± 0.100 | 4.000 ± 0.000 | 2.0 ± 0.0 |" in md

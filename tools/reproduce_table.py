@@ -86,8 +86,9 @@ def render(runs: dict[str, list[dict]], seeds: dict[str, list[int]], baselines: 
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}" + (f"  \nWall time of the whole command: {seconds / 60:.1f} min"
-                                                if seconds else ""),
+        f"Date: {time.strftime('%Y-%m-%d')}" + (
+            f"  \nWall time of this invocation: {seconds / 60:.1f} min (a rerun skips finished runs and probes)"
+            if seconds else ""),
         "",
         "Same recipe (`recipes/tiny/pretrain.yaml`), data (the demo's synthetic corpus and MFCC "
         "k-means labels), budget and seeds for every variant; only `model.targets` differs. "
