@@ -83,7 +83,8 @@ def _apply_effects_file(path, effects, normalize=True, channels_first=True, form
         elif name == "gain":
             wav = wav * 10 ** (float(values[0]) / 20)
         else:
-            raise NotImplementedError(f"sox effect {name} (mt4ssl's stand-in)")
+            raise ValueError(f"sox effect {[name, *values]}: mt4ssl's libsox stand-in supports only the effects "
+                             "s3prl's KS uses (channels 1, rate, gain)")
     return (wav if channels_first else wav.T), sr
 
 
