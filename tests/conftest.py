@@ -41,6 +41,20 @@ def libri_tree(tmp_path: Path) -> Path:
     return write_tree(tmp_path / "libri")
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint of a small_model_config() model with random weights (seed 0)."""
+    import torch
+
+    from mt4ssl.models.checkpoint import save_checkpoint
+    from mt4ssl.models.mt4ssl import MT4SSL
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pt"
+    save_checkpoint(path, MT4SSL(small_model_config()))
+    return path
+
+
 def small_model_config(channels: int = 32, dim: int = 64, classes: int = 4, **overrides):
     """A 3-layer model for fast tests: the paper's CNN geometry with narrow channels, one
     k-means label set "km" of `classes` clusters, a top-2 teacher."""

@@ -17,11 +17,9 @@ from mt4ssl.cli import main  # noqa: E402
 from mt4ssl.data import synth  # noqa: E402
 from mt4ssl.data.text import WORD_PHONES  # noqa: E402
 from mt4ssl.errors import InputError  # noqa: E402
-from mt4ssl.models.checkpoint import save_checkpoint  # noqa: E402
-from mt4ssl.models.mt4ssl import MT4SSL  # noqa: E402
 from mt4ssl.superb import libriphone, runner, tasks  # noqa: E402
 from mt4ssl.superb.synth_ks import synth_ks  # noqa: E402
-from tests.conftest import small_model_config, write_tree  # noqa: E402
+from tests.conftest import write_tree  # noqa: E402
 
 needs_tts = pytest.mark.skipif(any(shutil.which(p) is None for p in synth.PROGRAMS),
                                reason=f"needs {', '.join(synth.PROGRAMS)}")
@@ -34,11 +32,8 @@ PR_LENGTHS = {"train-clean-100": [32001, 40007, 48319, 35555], "dev-clean": [329
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, MT4SSL(small_model_config()))
-    return path
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")

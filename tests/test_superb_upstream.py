@@ -47,11 +47,8 @@ def hubert_like_config():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("upstream") / "model.pt"
-    save_checkpoint(path, MT4SSL(small_model_config()))
-    return path
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")

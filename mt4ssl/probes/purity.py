@@ -70,6 +70,7 @@ from mt4ssl.data.labels import read_labels
 from mt4ssl.data.manifest import Manifest, read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.features import mfcc
+from mt4ssl.features.extract import layer_kind
 from mt4ssl.finetune.probe import PHONES39, subset, torch_threads
 from mt4ssl.kmeans.apply import nearest
 from mt4ssl.kmeans.learn import fit_faiss, limit_threads
@@ -318,15 +319,6 @@ def mfcc_frames(wav: np.ndarray) -> list[np.ndarray]:
     return [mfcc.mfcc39(wav)[::2]]
 
 
-def model_frames(model: MT4SSL, layers: list[int]) -> Featurizer:
-    @torch.inference_mode()
-    def compute(wav: np.ndarray) -> list[np.ndarray]:
-        states, _ = model.extract_features(torch.from_numpy(wav).unsqueeze(0), layers=max(layers))
-        return [states[layer][0].float().numpy() for layer in layers]
-
-    return compute
-
-
 @dataclass
 class Frames:
     """Features of a split per layer: a random sample of all frames (k-means fit) and the
@@ -437,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
             bad = [layer for layer in layers if not 0 <= layer < n_states]
             if bad:
                 raise InputError(f"--layer {bad}: {args.ckpt} has hidden states 0..{n_states - 1}")
-            featurize, names = model_frames(model, layers), layers
+            featurize, names = layer_kind(model, layers, torch.device("cpu"), None).compute, layers
             source = {"source": "mt4ssl", "ckpt": str(args.ckpt),
                       "init": "random" if args.random_init else "checkpoint"}
         fit_manifest = read_manifest(args.fit_manifest)
