@@ -22,6 +22,7 @@ COMMANDS = {
     "labels": ("mt4ssl.kmeans.apply", "apply k-means: write 50 Hz {split}.km + dict.km.txt"),
     "pretrain": ("mt4ssl.train.pretrain", "pretrain MT4SSL / HuBERT-like / data2vec-like from a YAML config"),
     "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
+    "export": ("mt4ssl.export.hf", "mt4ssl checkpoint -> Hugging Face transformers folder (hf: safetensors + config + feature extractor)"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
     "probe": ("mt4ssl.finetune.probe", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),

@@ -78,7 +78,9 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _rename(key: str, extractor_mode: str) -> str | None:
+def rename_hf_key(key: str, extractor_mode: str) -> str | None:
+    """This project's name of a Hugging Face base-model parameter (prefix removed), or None.
+    The one name table between the two formats: `mt4ssl export hf` uses it backwards."""
     m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.(conv|layer_norm)\.(weight|bias)", key)
     if m:
         i, part, p = m.groups()
@@ -119,7 +121,7 @@ def state_dict_from_hf(
     out, unknown = {}, []
     for key, value in hf_state.items():
         bare = re.sub(r"^(data2vec_audio|hubert)\.", "", key)
-        new = _rename(bare, extractor_mode)
+        new = rename_hf_key(bare, extractor_mode)
         if new is None:
             unknown.append(key)
         else:
