@@ -73,7 +73,7 @@ def test_config_accepts_auto_and_the_recipes_use_it():
 
 def test_trainer_runs_what_auto_resolved_to(cpu_kind, monkeypatch):
     """The trainer's autocast dtype and gradient scaler follow the resolved precision."""
-    from mt4ssl.train import pretrain
+    from mt4ssl.train import loop, pretrain
 
     seen = {}
 
@@ -85,7 +85,7 @@ def test_trainer_runs_what_auto_resolved_to(cpu_kind, monkeypatch):
         seen.update(precision=trainer.precision, dtype=trainer.dtype, scaler=trainer.scaler.is_enabled())
         raise Probe
 
-    monkeypatch.setattr(pretrain.BucketBatchSampler, "__init__", stop)
+    monkeypatch.setattr(loop.BucketBatchSampler, "__init__", stop)
     monkeypatch.setattr(pretrain, "PretrainDataset", _FakeDataset)
     cfg = load_config(PretrainConfig, None, ["data.manifest_dir=m", "run.out_dir=o", "run.precision=auto",
                                              "model.preset=tiny", "model.targets=[teacher]",

@@ -326,13 +326,13 @@ def test_validation_masks_are_fixed(prepared, tmp_path):
     ones = pretrain.Trainer(make_cfg(prepared, tmp_path / "b", "run.valid_interval=2", "data.max_tokens=60000"),
                             distributed.Dist())
     assert trainer.valid_batches == [[0, 1], [2]] and ones.valid_batches == [[0], [1], [2]]
-    pair = trainer._valid_mask([0, 1])
-    assert torch.equal(pair[0, :num_frames(33001)], ones._valid_mask([0])[0]) and not pair[0, num_frames(33001):].any()
-    assert torch.equal(pair[1], ones._valid_mask([1])[0])
+    pair = trainer.task.valid_mask([0, 1])
+    assert torch.equal(pair[0, :num_frames(33001)], ones.task.valid_mask([0])[0]) and not pair[0, num_frames(33001):].any()
+    assert torch.equal(pair[1], ones.task.valid_mask([1])[0])
     assert ones.validate()["valid_masked_frames"] == first["valid_masked_frames"]
     other_seed = pretrain.Trainer(make_cfg(prepared, tmp_path / "c", "run.valid_interval=2", "run.seed=2"),
                                   distributed.Dist())
-    assert not torch.equal(other_seed._valid_mask([1]), ones._valid_mask([1]))
+    assert not torch.equal(other_seed.task.valid_mask([1]), ones.task.valid_mask([1]))
 
 
 def test_missing_valid_split_is_a_clear_error(prepared, tmp_path):
@@ -349,3 +349,65 @@ def test_missing_valid_split_is_a_clear_error(prepared, tmp_path):
     assert trainer.valid_set is None and not trainer.valid_due()
     with pytest.raises(InputError, match=r"run\.valid_interval: -1 must be at least 0"):
         make_cfg(prepared, tmp_path / "d", "run.valid_interval=-1")
+
+
+# ---------------------------------------------------------------------------- run.init_from
+
+
+def test_init_from_takes_weights_with_a_fresh_optimizer_and_resumes_exactly(prepared, tmp_path, monkeypatch):
+    src = pretrain.train(make_cfg(prepared, tmp_path / "src", "run.max_updates=2"))["checkpoint"]
+    source = torch.load(src, weights_only=True)
+    cfg = make_cfg(prepared, tmp_path / "straight", f"run.init_from={src}")
+    trainer = pretrain.Trainer(cfg, distributed.Dist())
+    assert trainer.num_updates == 0 and trainer.optimizer.state_dict()["state"] == {}
+    assert trainer.scheduler.last_epoch == 0 and trainer.sampler.state_dict()["consumed"] == 0
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, source["model"][name], rtol=0, atol=0, msg=name)
+
+    assert pretrain.train(cfg)["num_updates"] == 6
+    real_step = pretrain.Trainer.train_step
+
+    def step_then_signal(self, batches):
+        stats = real_step(self, batches)
+        if self.num_updates == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return stats
+
+    monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    resumed = make_cfg(prepared, tmp_path / "resumed", f"run.init_from={src}")
+    with pytest.raises(pretrain.Preempted):
+        pretrain.train(resumed)
+    monkeypatch.setattr(pretrain.Trainer, "train_step", real_step)
+    os.replace(src, tmp_path / "moved.pt")  # a resumed run reads checkpoint_last, not init_from
+    assert pretrain.train(resumed)["num_updates"] == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    first = losses(tmp_path / "straight")[1]
+    assert first < losses(tmp_path / "src")[1]  # it started from the trained weights, not from scratch
+
+
+def test_init_from_a_converted_encoder_and_bad_sources(prepared, tmp_path):
+    from mt4ssl.models.checkpoint import save_checkpoint
+    from mt4ssl.models.mt4ssl import MT4SSL
+
+    base = make_cfg(prepared, tmp_path / "x")
+    torch.manual_seed(5)  # a data2vec-like model (teacher only), as `mt4ssl convert fairseq` writes one
+    d2v = MT4SSL(dataclasses.replace(pretrain.model_config(base, pretrain.Pretraining(base).train_set),
+                                     targets=("teacher",)))
+    save_checkpoint(tmp_path / "d2v.pt", d2v, converted_from="data2vec.pt")
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "a", f"run.init_from={tmp_path / 'd2v.pt'}"),
+                               distributed.Dist())
+    theirs, mine = d2v.state_dict(), trainer.model.state_dict()
+    fresh = pretrain.Trainer(make_cfg(prepared, tmp_path / "b"), distributed.Dist()).model.state_dict()
+    for name, value in mine.items():
+        if name.startswith("targets.kmeans."):  # not in the source: as a fresh run initialises it
+            torch.testing.assert_close(value, fresh[name], rtol=0, atol=0, msg=name)
+        else:  # encoder, regression head and EMA teacher
+            torch.testing.assert_close(value, theirs[name], rtol=0, atol=0, msg=name)
+
+    small = make_cfg(prepared, tmp_path / "c", "model.embed_dim=64", "model.ffn_dim=128",
+                     f"run.init_from={tmp_path / 'd2v.pt'}")
+    with pytest.raises(InputError, match=r"d2v\.pt: run\.init_from has no weights of the same shape"):
+        pretrain.Trainer(small, distributed.Dist())
+    with pytest.raises(InputError, match=r"nope\.pt: checkpoint not found"):
+        pretrain.Trainer(make_cfg(prepared, tmp_path / "d", f"run.init_from={tmp_path / 'nope.pt'}"),
+                         distributed.Dist())

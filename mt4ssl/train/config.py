@@ -64,6 +64,13 @@ class RunConfig:
     # by valid_loss), and after the last update; 0: no validation (fairseq: validate_interval_updates)
     valid_interval: int = 10_000
     keep_last: int = 1  # numbered checkpoints kept besides the first and checkpoint_last
+    # a new run starts from this checkpoint's weights (pretraining, fine-tuned or converted
+    # fairseq), with a fresh optimizer and schedule; a run with a checkpoint_last resumes instead
+    init_from: str = ""
+
+
+@dataclass(frozen=True)
+class PretrainRunConfig(RunConfig):
     collapse_after: int = 5000  # the collapse guard starts after this many updates
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
@@ -86,33 +93,47 @@ class LaunchConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # more sbatch parameters
 
 
+def check_training(cfg) -> None:
+    """The checks of the sections every training config has (run, optim, launch, data)."""
+    run, optim = cfg.run, cfg.optim
+    choices = {("run.precision", run.precision): PRECISIONS,
+               ("run.device", run.device.split(":")[0]): ("auto", "cpu", "cuda"),
+               ("optim.optimizer", optim.optimizer): ("adamw", "adam"),
+               ("optim.schedule", optim.schedule): ("tri_stage", "polynomial", "cosine", "constant"),
+               ("launch.launcher", cfg.launch.launcher): ("local", "slurm")}
+    for (key, value), allowed in choices.items():
+        if value not in allowed:
+            raise InputError(f"{key}: {value!r} is not one of {allowed}")
+    for key, value in (("run.max_updates", run.max_updates), ("run.update_freq", run.update_freq),
+                       ("data.max_tokens", cfg.data.max_tokens), ("run.log_interval", run.log_interval),
+                       ("run.save_interval", run.save_interval)):
+        if value < 1:
+            raise InputError(f"{key}: {value} must be at least 1")
+    if run.valid_interval < 0:
+        raise InputError(f"run.valid_interval: {run.valid_interval} must be at least 0 (0: no validation)")
+    if abs(sum(optim.phase_ratio) - 1) > 1e-6 or min(optim.phase_ratio) < 0:
+        raise InputError(f"optim.phase_ratio {optim.phase_ratio} must be non-negative and sum to 1")
+    if optim.lr <= 0:
+        raise InputError(f"optim.lr: {optim.lr} must be positive")
+    if optim.schedule == "tri_stage" and not 0 < optim.final_lr_scale <= 1:
+        raise InputError(f"optim.final_lr_scale: {optim.final_lr_scale} must be in (0, 1] for the "
+                         f"tri_stage schedule (it decays exponentially to it)")
+    if not 0 <= optim.init_lr_scale <= 1:
+        raise InputError(f"optim.init_lr_scale: {optim.init_lr_scale} must be in [0, 1]")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     data: DataConfig
-    run: RunConfig
+    run: PretrainRunConfig
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "base"})
     optim: OptimConfig = OptimConfig()
     launch: LaunchConfig = LaunchConfig()
 
     def __post_init__(self):
-        choices = {("run.precision", self.run.precision): PRECISIONS,
-                   ("run.device", self.run.device.split(":")[0]): ("auto", "cpu", "cuda"),
-                   ("data.batch_mode", self.data.batch_mode): ("crop", "pad"),
-                   ("optim.optimizer", self.optim.optimizer): ("adamw", "adam"),
-                   ("optim.schedule", self.optim.schedule): ("tri_stage", "polynomial", "cosine", "constant"),
-                   ("launch.launcher", self.launch.launcher): ("local", "slurm")}
-        for (key, value), allowed in choices.items():
-            if value not in allowed:
-                raise InputError(f"{key}: {value!r} is not one of {allowed}")
-        for key, value in (("run.max_updates", self.run.max_updates), ("run.update_freq", self.run.update_freq),
-                           ("data.max_tokens", self.data.max_tokens), ("run.log_interval", self.run.log_interval),
-                           ("run.save_interval", self.run.save_interval)):
-            if value < 1:
-                raise InputError(f"{key}: {value} must be at least 1")
-        if self.run.valid_interval < 0:
-            raise InputError(f"run.valid_interval: {self.run.valid_interval} must be at least 0 (0: no validation)")
-        if abs(sum(self.optim.phase_ratio) - 1) > 1e-6:
-            raise InputError(f"optim.phase_ratio {self.optim.phase_ratio} must sum to 1")
+        check_training(self)
+        if self.data.batch_mode not in ("crop", "pad"):
+            raise InputError(f"data.batch_mode: {self.data.batch_mode!r} is not one of ('crop', 'pad')")
         self.model_config()  # fail early on a bad model section
 
     def model_config(self) -> ModelConfig:

@@ -17,15 +17,17 @@ log = logging.getLogger("mt4ssl.train")
 
 
 class TrainLog:
-    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool = True, desc: str = "pretrain",
+                 shown: tuple[str, ...] = ("loss", "loss_kmeans", "loss_teacher", "lr", "target_std",
+                                           "audio_s_per_s")):
+        self.enabled, self.shown = enabled, shown
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = open(Path(out_dir) / "log.jsonl", "a")
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-        self.bar = tqdm(total=total, initial=start, unit="upd", desc="pretrain",
+        self.bar = tqdm(total=total, initial=start, unit="upd", desc=desc,
                         disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
@@ -43,8 +45,7 @@ class TrainLog:
                 self.tb.add_scalar(name, value, row["update"])
         self.tb.flush()
         if "loss" in row:
-            shown = {k: row[k] for k in ("loss", "loss_kmeans", "loss_teacher", "lr", "target_std",
-                                         "audio_s_per_s") if k in row}
+            shown = {k: row[k] for k in self.shown if k in row}
             text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
             if self.bar.disable:
                 log.info("update %d/%d %s", row["update"], self.bar.total, text)
@@ -52,7 +53,8 @@ class TrainLog:
                 self.bar.set_postfix_str(text, refresh=False)
         if "valid_loss" in row:
             text = " ".join(f"{k[6:]}={v:.4g}" for k, v in row.items()
-                            if k.startswith(("valid_loss", "valid_acc_", "valid_target_std")))
+                            if k.startswith(("valid_loss", "valid_acc_", "valid_target_std", "valid_wer",
+                                             "valid_uer")))
             log.info("valid at update %d: %s", row["update"], text)
 
     def close(self) -> None:
