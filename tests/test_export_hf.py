@@ -230,3 +230,145 @@ def test_destination_rules_and_atomic_replace(tmp_path, capsys, monkeypatch):
     assert not (out / "README.md").exists() and (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf", "model.pt", "other.pt"]
     assert transformers.AutoModel.from_pretrained(out, local_files_only=True) is not None
+
+
+# ---------------------------------------------------------------------------- fine-tuned CTC models
+
+LETTERS = tuple("|ETAONIHSRDLUMWCFGYPBVK'XJQZ")  # fairseq's dict.ltr.txt order
+
+
+def ctc_checkpoint(path: Path, seed: int = 0, symbols=LETTERS, **overrides) -> Path:
+    from mt4ssl.finetune.ctc import Dictionary
+    from mt4ssl.finetune.model import CTCModel, save_ctc_model
+
+    torch.manual_seed(seed)
+    dictionary = Dictionary.from_symbols(symbols)
+    model = CTCModel(small_model_config(**overrides), len(dictionary), final_dropout=0.1)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(1 + 0.1 * torch.randn_like(p))
+        # a head whose per-frame argmax varies: its bias centres each token's logit on the test
+        # waveforms (blank and `|` a little above), so blanks, letters and word boundaries occur
+        model.proj.weight.normal_(0.0, 1.0)
+        model.proj.bias.zero_()
+        wav, pad = padded(waveforms(seed=3))
+        logits, frame_pad = model.eval()(wav, pad)
+        model.proj.bias.copy_(-logits[~frame_pad].mean(0))
+        model.proj.bias[dictionary.blank] += 0.5 * logits[~frame_pad].std(0).mean()
+        if "|" in dictionary:
+            model.proj.bias[dictionary.encode("|")[0]] += 0.5 * logits[~frame_pad].std(0).mean()
+    save_ctc_model(path, model, dictionary)
+    return path
+
+
+def letters_to_text(tokens: list[str]) -> str:
+    """fairseq's letter post-processing of a decoded token sequence (`|` = word boundary)."""
+    return "".join(tokens).replace("|", " ").strip()
+
+
+@pytest.fixture(scope="module", params=["data2vec", "hubert"])
+def exported_ctc(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"export_ctc_{request.param}")
+    ckpt = ctc_checkpoint(root / "ctc.pt", **GEOMETRIES[request.param][0])
+    out = root / "hf"
+    assert main(["export", "hf", str(ckpt), str(out)]) == 0
+    return request.param, ckpt, out
+
+
+def test_ctc_folder_loads_as_transformers_ctc_model_with_processor(exported_ctc):
+    from mt4ssl.finetune.model import load_ctc_model
+
+    geometry, ckpt, out = exported_ctc
+    base = GEOMETRIES[geometry][1]
+    cls = getattr(transformers, base.replace("Model", "ForCTC"))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())
+    hf, info = cls.from_pretrained(out, local_files_only=True, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    assert type(transformers.AutoModelForCTC.from_pretrained(out, local_files_only=True)) is cls
+    processor = transformers.AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert isinstance(processor, transformers.Wav2Vec2Processor)
+    assert isinstance(processor.tokenizer, transformers.Wav2Vec2CTCTokenizer)
+    assert isinstance(transformers.AutoFeatureExtractor.from_pretrained(out, local_files_only=True),
+                      transformers.Wav2Vec2FeatureExtractor)
+
+    ours, dictionary = load_ctc_model(ckpt)
+    tokenizer = processor.tokenizer
+    # the vocabulary is the project's dictionary index for index; blank = pad = id 0
+    assert tokenizer.get_vocab() == {s: i for i, s in enumerate(dictionary.symbols)}
+    assert len(tokenizer) == len(dictionary) == hf.config.vocab_size
+    assert tokenizer.pad_token_id == hf.config.pad_token_id == dictionary.blank == 0
+    assert tokenizer.word_delimiter_token == "|"
+    assert processor.feature_extractor.do_normalize is ours.encoder.cfg.normalize
+    assert processor.feature_extractor.return_attention_mask is True
+
+    hf.eval()
+    wavs = waveforms(seed=3)
+    inputs = processor(wavs, sampling_rate=16000, padding=True, return_tensors="pt")
+    wav, pad = padded(wavs)
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        logits, frame_pad = ours(wav, pad)
+    valid = ~frame_pad
+    lengths = valid.sum(1).tolist()
+    assert lengths == [num_frames(n) for n in LENGTHS]
+    diff = (ref - logits)[valid].abs().max().item()
+    print(f"{geometry} CTC logits, padded batch: max abs diff {diff:.2e} (logit std {logits[valid].std():.2f})")
+    assert diff < 1e-4
+    torch.testing.assert_close(ref[valid].argmax(-1), logits[valid].argmax(-1), rtol=0, atol=0)
+
+    # greedy decoding: transformers' tokenizer on the per-frame argmax == the project's greedy decode
+    from mt4ssl.finetune.ctc import greedy_decode
+
+    ours_text = [letters_to_text(dictionary.decode(ids)) for ids in greedy_decode(logits, lengths)]
+    best = ref.argmax(-1)
+    hf_text = processor.batch_decode([best[b, :n].tolist() for b, n in enumerate(lengths)])
+    print(f"{geometry} greedy: {hf_text}")
+    assert hf_text == ours_text
+    # the paths really exercise the decoding: blanks, repeated frames and word boundaries occur
+    paths = [best[b, :n].tolist() for b, n in enumerate(lengths)]
+    assert any(i == 0 for path in paths for i in path)
+    assert any(a == b != 0 for path in paths for a, b in zip(path, path[1:]))
+    assert sum(t.count(" ") for t in ours_text) >= 1
+    # and a hand-made path: repeats merge, a blank keeps a doubled letter, `| |` and edges
+    blank, ids = dictionary.blank, {s: i for i, s in enumerate(dictionary.symbols)}
+    path = [blank, ids["|"]] + [ids[c] if c != "_" else blank for c in "TT_HHEE||_LL_LOO_O_K|"] + [blank]
+    hand = letters_to_text(dictionary.decode(greedy_decode(torch.eye(len(dictionary))[path][None])[0]))
+    assert hand == "THE LLOOK"
+    assert processor.batch_decode([path]) == [hand]
+    # and a text goes through the tokenizer into the dictionary's ids
+    assert tokenizer("THE CAT").input_ids == dictionary.encode(list("THE|CAT"))
+
+
+def test_ctc_round_trip_of_the_encoder(exported_ctc):
+    from mt4ssl.finetune.model import load_ctc_model
+
+    _, ckpt, out = exported_ctc
+    ours, _ = load_ctc_model(ckpt)
+    hf = transformers.AutoModelForCTC.from_pretrained(out, local_files_only=True)
+    torch.testing.assert_close(hf.lm_head.weight, ours.proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(hf.lm_head.bias, ours.proj.bias, rtol=0, atol=0)
+    assert hf.config.final_dropout == pytest.approx(0.1)
+
+
+def test_ctc_dictionary_transformers_cannot_tokenize_is_an_error(tmp_path, capsys):
+    # phones: multi-character symbols and no word delimiter
+    ckpt = ctc_checkpoint(tmp_path / "phones.pt", symbols=("AH", "B", "SIL"))
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(ckpt), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'AH'" in err and "single non-space character" in err
+    assert _nothing_written(tmp_path, out)
+    ckpt = ctc_checkpoint(tmp_path / "nodelim.pt", symbols=tuple("ABC"))
+    assert main(["export", "hf", str(ckpt), str(out)]) == 2
+    assert "no word delimiter '|'" in capsys.readouterr().err
+    assert _nothing_written(tmp_path, out)
+
+
+def test_ctc_unsupported_encoder_config_is_an_error(tmp_path, capsys):
+    ckpt = ctc_checkpoint(tmp_path / "mixed.pt", extractor_mode="default", pos_conv_depth=5)
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(ckpt), str(out)]) == 2
+    assert "extractor_mode='default' with pos_conv_depth=5" in capsys.readouterr().err
+    assert _nothing_written(tmp_path, out)

@@ -9,6 +9,24 @@
     x = extractor(waveforms, sampling_rate=16000, padding=True, return_tensors="pt")
     model(**x, output_hidden_states=True).hidden_states   # == MT4SSL.extract_features
 
+A fine-tuned CTC checkpoint (`mt4ssl finetune`, mt4ssl/finetune/model.py: encoder + `ctc` head
+and letter dictionary) becomes Data2VecAudioForCTC / HubertForCTC with a Wav2Vec2Processor:
+
+    DIR/config.json, DIR/model.safetensors   ...ForCTC (lm_head = the CTC projection)
+    DIR/preprocessor_config.json             Wav2Vec2FeatureExtractor (as above)
+    DIR/vocab.json, DIR/tokenizer_config.json, DIR/processor_config.json
+                                             Wav2Vec2CTCTokenizer + Wav2Vec2Processor
+
+    processor, model = AutoProcessor.from_pretrained(DIR), AutoModelForCTC.from_pretrained(DIR)
+    logits = model(**processor(waveforms, sampling_rate=16000, padding=True, return_tensors="pt")).logits
+    processor.batch_decode(logits.argmax(-1))   # == the project's greedy decoding
+
+vocab.json is the project's dictionary index for index: its blank (index 0) is the tokenizer's
+pad token and the model's pad_token_id (what transformers' CTC decoding drops and its CTC loss
+uses as blank), `|` is the word delimiter (decoded as a space). The tokenizer has no bos, eos or
+unk tokens, so its size is exactly the head's. It splits text into characters, so every symbol
+but the blank must be one character (letters are).
+
 Which class: the inverse of `mt4ssl convert hf` (models/convert.py, `config_from_hf`):
   pos_conv_depth > 1 (stacked convs + LayerNorm, data2vec) with the LayerNorm CNN
       -> Data2VecAudioModel (num_conv_pos_embeddings = depth, conv_pos_kernel_size = kernel)
@@ -61,6 +79,8 @@ HF_CLASSES = {
     "data2vec-audio": ("Data2VecAudioConfig", "Data2VecAudioModel"),
     "hubert": ("HubertConfig", "HubertModel"),
 }
+HF_CTC_CLASSES = {"data2vec-audio": "Data2VecAudioForCTC", "hubert": "HubertForCTC"}
+WORD_DELIMITER = "|"  # fairseq's .ltr word boundary
 
 # ModelConfig fields copied one to one into the transformers config (same key for both classes)
 _COPIED = {
@@ -199,8 +219,21 @@ class Export:
     """What goes into the folder, all built in memory before anything is written."""
 
     model: object  # a transformers PreTrainedModel
-    extractor: object  # Wav2Vec2FeatureExtractor, or a Wav2Vec2Processor for a CTC model
+    extractor: object  # Wav2Vec2FeatureExtractor
     left_out: list[str]
+    tokenizer: object | None = None  # Wav2Vec2CTCTokenizer of a CTC model
+
+    def files(self) -> set[str]:
+        files = {"config.json", "model.safetensors", "preprocessor_config.json"}
+        return files | ({"vocab.json", "tokenizer_config.json"} if self.tokenizer is not None else set())
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.extractor.save_pretrained(folder)  # preprocessor_config.json, read by every version
+        if self.tokenizer is not None:
+            from transformers import Wav2Vec2Processor
+
+            Wav2Vec2Processor(feature_extractor=self.extractor, tokenizer=self.tokenizer).save_pretrained(folder)
 
 
 def _summarize(keys: list[str]) -> list[str]:
@@ -212,15 +245,6 @@ def _summarize(keys: list[str]) -> list[str]:
     return [f"{g} ({n} tensors)" if n > 1 else g for g, n in groups.items()]
 
 
-def load_source(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, state dict) of an mt4ssl checkpoint; a clear error for anything else."""
-    state = load_checkpoint(path)
-    if not isinstance(state.get("model_config"), dict) or not isinstance(state.get("model"), dict):
-        raise InputError(f"{path}: an mt4ssl file without 'model_config' and 'model': not a model checkpoint")
-    cfg = config_from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
-    return cfg, state["model"]
-
-
 def build_encoder_export(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Export:
     import transformers
 
@@ -229,6 +253,63 @@ def build_encoder_export(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> 
     state, left_out = hf_state_dict(model, weights, cfg.extractor_mode)
     model.load_state_dict(state, strict=True)
     return Export(model=model, extractor=feature_extractor(cfg), left_out=left_out)
+
+
+def ctc_tokenizer(symbols: tuple[str, ...], where: str):
+    """A Wav2Vec2CTCTokenizer whose vocabulary is `symbols` index for index (blank first)."""
+    import json
+
+    from transformers import Wav2Vec2CTCTokenizer
+
+    bad = [s for s in symbols[1:] if len(s) != 1 or s.isspace()]
+    if bad:
+        raise InputError(f"{where}: dictionary symbols {bad[:8]}: Wav2Vec2CTCTokenizer reads text one character "
+                         "at a time, so every symbol but the blank must be a single non-space character")
+    if WORD_DELIMITER not in symbols:
+        raise InputError(f"{where}: the dictionary has no word delimiter {WORD_DELIMITER!r} (a letter dictionary "
+                         "has it); transformers' CTC tokenizer could not put spaces between words")
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.json"
+        vocab.write_text(json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False))
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab), pad_token=symbols[0], unk_token=None, bos_token=None,
+                                         eos_token=None, word_delimiter_token=WORD_DELIMITER,
+                                         do_lower_case=False, clean_up_tokenization_spaces=False)
+    if len(tokenizer) != len(symbols) or tokenizer.pad_token_id != 0:
+        raise RuntimeError(f"Wav2Vec2CTCTokenizer has {len(tokenizer)} tokens and pad id "
+                           f"{tokenizer.pad_token_id}, not the dictionary's {len(symbols)} and 0")
+    return tokenizer
+
+
+def build_ctc_export(state: dict, where: str) -> Export:
+    """Data2VecAudioForCTC / HubertForCTC + processor of a fine-tuned checkpoint."""
+    import transformers
+
+    from mt4ssl.finetune.model import ctc_from_state
+
+    cfg = config_from_dict(ModelConfig, state["model_config"], f"{where}: model_config")
+    hf_config(cfg)  # an unsupported setting is reported before the model is built
+    ctc, dictionary = ctc_from_state(state, where)
+    tokenizer = ctc_tokenizer(dictionary.symbols, where)
+    cfg = ctc.encoder.cfg
+    config = hf_config(cfg, vocab_size=len(dictionary), pad_token_id=dictionary.blank, bos_token_id=None,
+                       eos_token_id=None, final_dropout=float(ctc.final_dropout.p))
+    model = getattr(transformers, HF_CTC_CLASSES[config.model_type])(config).eval()
+    head = {"lm_head.weight": ctc.proj.weight, "lm_head.bias": ctc.proj.bias}
+    weights, left_out = hf_state_dict(model, ctc.encoder.state_dict(), cfg.extractor_mode, head)
+    model.load_state_dict(weights, strict=True)
+    return Export(model=model, extractor=feature_extractor(cfg), left_out=left_out, tokenizer=tokenizer)
+
+
+def build_export(path: Path) -> Export:
+    """The export of an mt4ssl checkpoint: a CTC model if it has a `ctc` head, else an encoder.
+    A file that is not an mt4ssl model checkpoint is a clear error."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("model_config"), dict) or not isinstance(state.get("model"), dict):
+        raise InputError(f"{path}: an mt4ssl file without 'model_config' and 'model': not a model checkpoint")
+    if "ctc" in state:
+        return build_ctc_export(state, str(path))
+    cfg = config_from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
+    return build_encoder_export(cfg, state["model"])
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -258,10 +339,9 @@ def write_folder(out: Path, export: Export, force: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = None
     try:
-        export.model.save_pretrained(tmp, safe_serialization=True)
-        export.extractor.save_pretrained(tmp)
+        export.save(tmp)
         written = {p.name for p in tmp.iterdir()}
-        needed = {"config.json", "model.safetensors", "preprocessor_config.json"}
+        needed = export.files()
         if not needed <= written:
             raise RuntimeError(f"transformers wrote {sorted(written)}, not the expected {sorted(needed)}")
         for path in [*tmp.iterdir(), tmp]:
@@ -283,24 +363,28 @@ def write_folder(out: Path, export: Export, force: bool) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=("hf",), help="export format: hf = a Hugging Face transformers folder")
-    p.add_argument("ckpt", type=Path, help="mt4ssl checkpoint (from pretrain or convert)")
+    p.add_argument("ckpt", type=Path, help="mt4ssl checkpoint (pretrain, convert: an encoder; finetune: "
+                                           "a CTC model with its processor)")
     p.add_argument("out", type=Path, help="folder to write (config.json, model.safetensors, "
-                                          "preprocessor_config.json)")
+                                          "preprocessor_config.json; + vocab.json and tokenizer files for CTC)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
 
 
 def run(args: argparse.Namespace) -> int:
     check_destination(args.out, args.force)
-    cfg, weights = load_source(args.ckpt)
-    export = build_encoder_export(cfg, weights)
+    export = build_export(args.ckpt)
     write_folder(args.out, export, args.force)
     config = export.model.config
     n_params = sum(p.numel() for p in export.model.parameters())
     print(f"{args.out}: {type(export.model).__name__} ({config.model_type}), {config.num_hidden_layers} layers x "
           f"{config.hidden_size}, {n_params / 1e6:.1f} M parameters in model.safetensors; feature extractor "
           f"do_normalize={export.extractor.do_normalize}, return_attention_mask=True")
+    if export.tokenizer is not None:
+        print(f"CTC head: {config.vocab_size} outputs; Wav2Vec2Processor with vocab.json (blank "
+              f"{export.tokenizer.pad_token!r} = pad token id 0, word delimiter {WORD_DELIMITER!r})")
     if export.left_out:
         print(f"left out (no place in transformers' {type(export.model).__name__}): "
               f"{', '.join(_summarize(export.left_out))}")
-    print(f"load it with: transformers.AutoModel.from_pretrained({str(args.out)!r})")
+    loader = "AutoModelForCTC" if export.tokenizer is not None else "AutoModel"
+    print(f"load it with: transformers.{loader}.from_pretrained({str(args.out)!r})")
     return 0
