@@ -109,25 +109,37 @@ def test_padding_invariance(tmp_path, kind):
     upstream = mt4ssl_local(str(tmp_path / "m.pt"))
     wavs = waves(seed=1)
     with torch.no_grad():
-        batch = upstream(wavs)["hidden_states"]
         alone = [upstream([w])["hidden_states"] for w in wavs]
-        T = batch[0].shape[1]
-        for i, n in enumerate(LENGTHS):
-            t = num_frames(n)
-            for layer, h in enumerate(batch):
-                torch.testing.assert_close(h[i, :t], alone[i][layer][0], atol=1e-5, rtol=1e-5)
-                assert torch.equal(h[i, t:], h[i, t - 1].expand(T - t, -1))  # past its end: its last frame
+        for padded_batch in (False, True):  # groups of equal length (CPU); one padded batch (GPU)
+            upstream.pad_on_cpu = padded_batch
+            batch = upstream(wavs)["hidden_states"]
+            T = batch[0].shape[1]
+            for i, n in enumerate(LENGTHS):
+                t = num_frames(n)
+                for layer, h in enumerate(batch):
+                    torch.testing.assert_close(h[i, :t], alone[i][layer][0], atol=1e-5, rtol=1e-5)
+                    assert torch.equal(h[i, t:], h[i, t - 1].expand(T - t, -1))  # past its end: its last frame
 
-        # why the upstream groups by length: one zero-padded batch through the model leaks (if the
-        # model gets padding-exact positional conv / GroupNorm, this fails: then forward may pad)
+        # a zero-padded batch through the model as fairseq runs it leaks (positional conv blocks
+        # 2-5; GroupNorm over time in "default" mode); exact_padding (the upstream's) zeroes the
+        # padding before every positional-conv block, which is exact unless GroupNorm is there:
+        # then the upstream runs groups of equal length
         model = upstream.model
         pad = torch.arange(max(LENGTHS))[None] >= torch.tensor(LENGTHS)[:, None]
         wav = torch.stack([F.pad(w, (0, pad.shape[1] - len(w))) for w in wavs])
-        padded, frame_pad = model.extract_features(wav, pad)
-        leak = max((padded[layer][i, :num_frames(n)] - alone[i][layer][0]).abs().max().item()
-                   for i, n in enumerate(LENGTHS) for layer in range(len(batch)))
-    print(f"{kind}: a zero-padded batch differs from the utterances alone by up to {leak:.3g}")
-    assert leak > 1e-3
+        leaks = {}
+        for exact in (False, True):
+            model.encoder.exact_padding = exact
+            padded, frame_pad = model.extract_features(wav, pad)
+            leaks[exact] = max((padded[layer][i, :num_frames(n)] - alone[i][layer][0]).abs().max().item()
+                               for i, n in enumerate(LENGTHS) for layer in range(len(batch)))
+        model.encoder.exact_padding = True
+    print(f"{kind}: a zero-padded batch differs from the utterances alone by up to {leaks}")
+    assert leaks[False] > 1e-3
+    if kind == "data2vec_pos_conv":
+        assert leaks[True] < 1e-5 and upstream.exact_batches
+    else:
+        assert leaks[True] > 1e-3 and not upstream.exact_batches
 
 
 # ---------------------------------------------------------------------------- s3prl.hub, S3PRLUpstream
@@ -255,10 +267,36 @@ def test_files_that_are_not_mt4ssl_checkpoints_are_clear_errors(tmp_path, ckpt, 
         mt4ssl_local(str(tmp_path / "broken.pt"))
     with pytest.raises(InputError, match="give the mt4ssl checkpoint"):
         mt4ssl_local(None)
-    with pytest.raises(InputError, match="carries its model config"):
+    with pytest.raises(InputError, match="upstream.yaml: file not found.*carries the model's config"):
         mt4ssl_local(str(ckpt), model_config="upstream.yaml")
+    (tmp_path / "up.yaml").write_text("layers: 3\n")
+    with pytest.raises(InputError, match=r"up\.yaml: unknown upstream option\(s\) \['layers'\]"):
+        mt4ssl_local(str(ckpt), model_config=str(tmp_path / "up.yaml"))
+    (tmp_path / "up.yaml").write_text("precision: fp8\n")
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        mt4ssl_local(str(ckpt), model_config=str(tmp_path / "up.yaml"))
     with pytest.raises(InputError, match=r"unknown option\(s\) \['layers'\]"):
         mt4ssl_local(str(ckpt), layers=3)
+
+
+def test_precision_option(tmp_path, ckpt):
+    """`-g FILE` with `precision: bf16`: the forward runs under bf16 autocast (close to fp32,
+    not equal) and returns float32 states; auto follows the device (mt4ssl.utils.precision)."""
+    (tmp_path / "bf16.yaml").write_text("precision: bf16\n")
+    fp32, bf16 = mt4ssl_local(str(ckpt)), mt4ssl_local(str(ckpt), model_config=str(tmp_path / "bf16.yaml"))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    wavs = waves(seed=3)
+    with torch.no_grad():
+        a, b = fp32(wavs)["hidden_states"], bf16(wavs)["hidden_states"]
+    assert all(h.dtype == torch.float32 for h in b)
+    for x, y in zip(a, b):
+        assert not torch.equal(x, y)
+        assert (x - y).abs().max() < 0.1 * x.abs().max()
+    auto = mt4ssl_local(str(ckpt), precision="auto")
+    with torch.no_grad():
+        auto(wavs[:1])
+    from mt4ssl.utils.precision import resolve_precision
+    assert auto._dtypes["cpu"][0] == resolve_precision("auto", "cpu")[0]
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, ckpt):

@@ -182,6 +182,7 @@ class TransformerEncoder(nn.Module):
     ):
         super().__init__()
         self.dropout, self.layerdrop = dropout, layerdrop
+        self.exact_padding = False  # see positions()
         self.pos_conv = positional_conv(dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
         self.layer_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(
@@ -194,6 +195,22 @@ class TransformerEncoder(nn.Module):
                     nn.init.normal_(module.weight, mean=0.0, std=0.02)
                     nn.init.zeros_(module.bias)
 
+    def positions(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """pos_conv of x (B, T, C) with its padding frames zeroed -> (B, C, T).
+
+        As in fairseq and Hugging Face, only the input is zeroed: in the data2vec stack the
+        blocks after the first read what block 1 wrote into the padding frames, so the last
+        frames of a padded utterance differ from the utterance alone. With `exact_padding`
+        set (the s3prl upstream does), the padding frames are zeroed before every block, so
+        each utterance of a padded batch gets what it gets alone."""
+        y = x.transpose(1, 2)
+        if not self.exact_padding or padding_mask is None or not isinstance(self.pos_conv[0], nn.Sequential):
+            return self.pos_conv(y)
+        pad = padding_mask.unsqueeze(1)
+        for block in self.pos_conv:
+            y = block(y.masked_fill(pad, 0.0))
+        return y
+
     def forward(
         self,
         x: torch.Tensor,
@@ -204,7 +221,7 @@ class TransformerEncoder(nn.Module):
         `num_layers` layers if given (for feature extraction at an intermediate layer)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        x = x + self.positions(x, padding_mask).transpose(1, 2)
         x = self.layer_norm(x)
         x = F.dropout(x, self.dropout, self.training)
 

@@ -33,7 +33,9 @@ anything is refused. A file that is not an mt4ssl checkpoint (a fairseq or s3prl
 a plain dict, a text file) raises `InputError` naming the path and what is wrong. A URL
 (`http...`, for either name) is downloaded and cached by s3prl's own helper
 (`s3prl.util.download`, under ~/.cache/s3prl/download; `refresh=True` downloads again).
-The checkpoint carries its model config, so `model_config` (`-g`) must not be given.
+The checkpoint carries its model config; s3prl's `model_config` (`-g FILE`) is a YAML of
+upstream options instead: `precision: fp32 | bf16 | fp16 | auto` (autocast of the forward;
+auto = bf16 where the device has native bf16; the states are returned as float32).
 
 Only the student encoder is kept: the pretraining heads and the EMA teacher are dropped after
 loading; no masking; layerdrop is off so every forward gives num_layers + 1 states. Dropout
@@ -67,33 +69,41 @@ statistics over the padded time axis, which moves every frame. Measured on the t
 largest difference from the utterance alone: 3.5 (the demo's checkpoint after 100 updates)
 and 5.5 (random init) in the data2vec geometry, 1.8 in the HuBERT geometry (random init).
 
-So forward runs the utterances in groups of equal length, each group one unpadded batch:
-correct by construction, for every checkpoint kind. SUPERB batches rarely hold two equal
-lengths, so in effect it runs one utterance at a time; no padding frame is computed. Measured
-on CPU, 1 thread (a machine shared with other runs), tiny preset (4 x 256), 8 waveforms of
-1.5-4.1 s (22 s in all): this forward 0.19 s; one zero-padded batch 0.50 s (wrong, as above);
-one padded batch with the positional-conv fix below 0.52 s (exact for the data2vec geometry,
-not for "default" mode). On a GPU one padded batch would be expected to be faster (not
-measured here). Making the padded batch exact needs a model change in
-mt4ssl/models/transformer.py (zero the padding frames before every positional-conv block,
-not only the first) and, for "default" mode, a GroupNorm over valid frames only in
-mt4ssl/models/cnn.py; with both, `forward` could send one padded batch.
+So the upstream zeroes the padding frames before every positional-conv block
+(`TransformerEncoder.exact_padding`, off for pretraining, which keeps fairseq's behaviour).
+With the per-frame LayerNorm CNN (extractor_mode "layer_norm": data2vec, MT4SSL, the
+project's presets) a padded batch is then exact to float tolerance, and on a GPU forward
+sends the batch as one padded batch. On CPU, and in "default" mode (GroupNorm over time:
+converted HuBERT Base) everywhere, it runs the utterances in groups of equal length, each
+group one unpadded batch (SUPERB batches rarely hold two equal lengths: in effect one
+utterance at a time), which computes no padding frame. Measured on CPU (AMD EPYC, capability
+AVX512 with AVX-512 BF16, 1 thread), tiny preset (4 x 256), 16 waveforms of 1-6 s (50 s):
+groups 60 audio-s/s in fp32, 117 in bf16; one padded batch 26 and 52 (it computes 96 s of
+audio). On a GPU the padded batch is expected to win (one launch instead of 16; not
+measured here: no GPU).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
+import yaml
 import torch.nn.functional as F
 from torch import nn
 
 from mt4ssl.errors import InputError
 from mt4ssl.models.checkpoint import load_model
 from mt4ssl.models.cnn import num_frames
+from mt4ssl.utils.precision import DTYPES, PRECISIONS, resolve_precision
 
 try:
     from s3prl.upstream.interfaces import UpstreamBase
 except ImportError as e:  # pragma: no cover - s3prl is the optional `superb` dependency
     raise ImportError(f"mt4ssl.superb needs s3prl 0.4.18 (pip install 'mt4ssl[superb]'): {e}") from e
+
+log = logging.getLogger(__name__)
 
 __all__ = ["mt4ssl_local", "mt4ssl_url"]  # what `from mt4ssl.superb.upstream import *` adds to a hub
 
@@ -104,8 +114,11 @@ MIN_SAMPLES = 400  # the CNN's receptive field: one frame
 class UpstreamExpert(UpstreamBase):
     """An mt4ssl checkpoint as an s3prl upstream (see the module docstring)."""
 
-    def __init__(self, ckpt: str, **kwargs):
+    def __init__(self, ckpt: str, precision: str = "fp32", **kwargs):
         super().__init__(**kwargs)
+        if precision not in PRECISIONS:
+            raise InputError(f"mt4ssl upstream: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         try:
             model = load_model(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # format-marked but broken
@@ -113,6 +126,11 @@ class UpstreamExpert(UpstreamBase):
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         model.targets = nn.ModuleDict()  # heads and EMA teacher: pretraining only
         model.encoder.layerdrop = 0.0  # a fixed number of hidden states in train mode too
+        model.encoder.exact_padding = True  # positional conv: padding zeroed before every block
+        # a padded batch is exact unless the CNN normalizes over time (GroupNorm, "default")
+        self.exact_batches = model.cfg.extractor_mode == "layer_norm"
+        self.pad_on_cpu = False  # on CPU the groups are faster (module docstring)
+        self._dtypes: dict[str, tuple[str, str]] = {}  # device -> (precision, why), logged once
         self.model = model
         self.num_layers = model.cfg.num_layers
         self.eval()
@@ -129,17 +147,37 @@ class UpstreamExpert(UpstreamBase):
                              f"(shapes {[tuple(wavs[i].shape) for i in bad]})")
         dtype = self.model.post_extract_proj.weight.dtype
         wavs = [F.pad(w.to(dtype), (0, max(0, MIN_SAMPLES - w.numel()))) for w in wavs]
+        device = wavs[0].device
+        if str(device) not in self._dtypes:
+            self._dtypes[str(device)] = resolve_precision(self.precision, device)
+            log.info("mt4ssl upstream on %s: precision %s (%s)", device, *self._dtypes[str(device)])
+        precision = self._dtypes[str(device)][0]
+        with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+            out = self._forward(wavs)
+        if precision != "fp32":
+            out = {k: ([h.float() for h in v] if isinstance(v, list) else v.float()) for k, v in out.items()}
+        return out
 
-        groups: dict[int, list[int]] = {}  # length -> utterance indices
-        for i, w in enumerate(wavs):
-            groups.setdefault(w.numel(), []).append(i)
+    def _forward(self, wavs: list[torch.Tensor]) -> dict:
+        conv = self.model.cfg.conv_layers
         per_utt: list[list[torch.Tensor] | None] = [None] * len(wavs)  # utterance -> states (T_i, D)
-        for idx in groups.values():
-            states, _ = self.model.extract_features(torch.stack([wavs[i] for i in idx]))
-            for row, i in enumerate(idx):
-                per_utt[i] = [h[row] for h in states]
+        if self.exact_batches and (self.pad_on_cpu or wavs[0].device.type != "cpu"):  # one padded batch
+            lengths = torch.tensor([w.numel() for w in wavs], device=wavs[0].device)
+            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+            padding = torch.arange(batch.shape[1], device=batch.device)[None, :] >= lengths[:, None]
+            states, _ = self.model.extract_features(batch, padding if bool(padding.any()) else None)
+            for i, n in enumerate(lengths.tolist()):
+                per_utt[i] = [h[i, :num_frames(n, conv)] for h in states]
+        else:  # groups of equal length, each an unpadded batch
+            groups: dict[int, list[int]] = {}  # length -> utterance indices
+            for i, w in enumerate(wavs):
+                groups.setdefault(w.numel(), []).append(i)
+            for idx in groups.values():
+                states, _ = self.model.extract_features(torch.stack([wavs[i] for i in idx]))
+                for row, i in enumerate(idx):
+                    per_utt[i] = [h[row] for h in states]
 
-        T = num_frames(max(w.numel() for w in wavs), self.model.cfg.conv_layers)
+        T = num_frames(max(w.numel() for w in wavs), conv)
 
         def padded(h: torch.Tensor) -> torch.Tensor:  # (T_i, D) -> (T, D), last frame repeated
             return h if h.shape[0] == T else torch.cat([h, h[-1:].expand(T - h.shape[0], -1)])
@@ -165,16 +203,43 @@ def _local_path(name: str, ckpt, refresh: bool) -> str:
     return ckpt
 
 
+UPSTREAM_OPTIONS = {"precision": "autocast precision of the forward: fp32 (default), bf16, fp16, or "
+                                 "auto (bf16 where the device has native bf16, else fp32)"}
+
+
+def read_options(model_config) -> dict:
+    """The upstream options of s3prl's `-g MODEL_CONFIG`: a YAML file (or a dict) with keys of
+    UPSTREAM_OPTIONS. The checkpoint carries the model's own config."""
+    if model_config is None or model_config == "":
+        return {}
+    if isinstance(model_config, dict):
+        options, where = model_config, "model_config"
+    else:
+        path = Path(model_config)
+        if not path.is_file():
+            raise InputError(f"mt4ssl upstream: model_config {path}: file not found (a YAML of upstream options: "
+                             f"{', '.join(UPSTREAM_OPTIONS)}; the checkpoint carries the model's config)")
+        options, where = yaml.safe_load(path.read_text()) or {}, str(path)
+        if not isinstance(options, dict):
+            raise InputError(f"{where}: expected a mapping of upstream options ({', '.join(UPSTREAM_OPTIONS)})")
+    unknown = sorted(set(options) - set(UPSTREAM_OPTIONS))
+    if unknown:
+        raise InputError(f"{where}: unknown upstream option(s) {unknown}; known: "
+                         + "; ".join(f"{k}: {v}" for k, v in UPSTREAM_OPTIONS.items()))
+    return dict(options)
+
+
 def mt4ssl_local(ckpt: str, model_config=None, refresh: bool = False, **kwargs) -> UpstreamExpert:
-    """An mt4ssl checkpoint (path, or URL) as an s3prl upstream."""
-    if model_config is not None:
-        raise InputError(f"mt4ssl_local: model_config {model_config!r} is not used: an mt4ssl "
-                         "checkpoint carries its model config (drop -g)")
-    if kwargs:
-        raise InputError(f"mt4ssl_local: unknown option(s) {sorted(kwargs)} (it takes ckpt and refresh)")
-    return UpstreamExpert(_local_path("mt4ssl_local", ckpt, refresh))
+    """An mt4ssl checkpoint (path, or URL) as an s3prl upstream; `model_config` (`-g`): a
+    YAML of upstream options (UPSTREAM_OPTIONS), keyword arguments the same options."""
+    unknown = sorted(set(kwargs) - set(UPSTREAM_OPTIONS))
+    if unknown:
+        raise InputError(f"mt4ssl_local: unknown option(s) {unknown} (it takes ckpt, refresh, model_config "
+                         f"and {', '.join(UPSTREAM_OPTIONS)})")
+    options = {**read_options(model_config), **kwargs}
+    return UpstreamExpert(_local_path("mt4ssl_local", ckpt, refresh), **options)
 
 
-def mt4ssl_url(ckpt: str, refresh: bool = False, **kwargs) -> UpstreamExpert:
+def mt4ssl_url(ckpt: str, model_config=None, refresh: bool = False, **kwargs) -> UpstreamExpert:
     """An mt4ssl checkpoint at a URL (downloaded once and cached by s3prl), or a path."""
-    return mt4ssl_local(_local_path("mt4ssl_url", ckpt, refresh), refresh=refresh, **kwargs)
+    return mt4ssl_local(_local_path("mt4ssl_url", ckpt, refresh), model_config, refresh=refresh, **kwargs)
