@@ -24,7 +24,7 @@ COMMANDS = {
     "convert": ("mt4ssl.models.convert", "fairseq (data2vec-audio, HuBERT, MT4SSL) or HF checkpoint -> mt4ssl"),
     "export": ("mt4ssl.export.hf", "mt4ssl checkpoint -> Hugging Face transformers folder (hf: safetensors + config + feature extractor)"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
-    "probe": ("mt4ssl.finetune.probe", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
+    "probe": ("mt4ssl.probes.ctc", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),
     "synth-superb": ("mt4ssl.superb.synth_ks", "write a synthetic Speech Commands v1 corpus for SUPERB KS (espeak-ng + flite)"),
     "superb": ("mt4ssl.superb.runner", "SUPERB task (pr, ks) on a frozen checkpoint through s3prl's runner -> result.json"),

@@ -12,7 +12,8 @@ import torch
 
 from mt4ssl.data.manifest import write_split
 from mt4ssl.errors import InputError
-from mt4ssl.finetune import ctc, probe
+from mt4ssl.finetune import ctc
+from mt4ssl.probes import ctc as probe
 from mt4ssl.models.checkpoint import save_checkpoint
 from mt4ssl.models.mt4ssl import MT4SSL, model_config
 from mt4ssl.targets import TeacherConfig

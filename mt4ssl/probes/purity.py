@@ -71,7 +71,7 @@ from mt4ssl.data.manifest import Manifest, read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.features import mfcc
 from mt4ssl.features.extract import layer_kind
-from mt4ssl.finetune.probe import PHONES39, subset, torch_threads
+from mt4ssl.probes.ctc import PHONES39, subset, torch_threads
 from mt4ssl.kmeans.apply import nearest
 from mt4ssl.kmeans.learn import fit_faiss, limit_threads
 from mt4ssl.models.checkpoint import load_model
