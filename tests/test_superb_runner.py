@@ -100,7 +100,7 @@ def test_errors_before_training(pr_data, ckpt, tmp_path, no_s3prl):
     bad_ckpt = tmp_path / "plain.pt"
     torch.save({"model": {}}, bad_ckpt)
     cases = {
-        "unknown task 'asr'": dict(task_name="asr"),
+        "unknown task 'er'": dict(task_name="er"),
         "not an mt4ssl checkpoint": dict(ckpt=bad_ckpt),
         "checkpoint not found": dict(ckpt=tmp_path / "nope.pt"),
         "--ckpt CKPT is required": dict(ckpt=None),
@@ -183,3 +183,122 @@ def test_vocab_and_config_scaling(tmp_path):
     ks = tasks.task_config(tasks.get_task("ks"), tmp_path, tmp_path, None, 7, 3e-4, 0)
     assert ks["runner"]["total_steps"] == 200000 and ks["runner"]["eval_step"] == 7
     assert ks["optimizer"]["lr"] == 3e-4 and tasks.KS_CONFIG["optimizer"]["lr"] == 1e-4
+
+
+# ---------------------------------------------------------------------------- ASR (-d asr)
+
+import yaml  # noqa: E402
+
+from mt4ssl.superb import asr  # noqa: E402
+
+
+def test_asr_end_to_end(pr_data, ckpt, tmp_path):
+    out = tmp_path / "asr"
+    result = runner.superb("asr", pr_data, out, ckpt=ckpt, steps=3, eval_step=3)
+    assert result == json.loads((out / "result.json").read_text())
+    assert result["task"] == "asr" and result["metric"] == "wer" and result["steps"] == 3
+    assert result["lr"] == 1e-4 and result["counts"] == {s: len(PR_LENGTHS[s]) for s in asr.SPLITS}
+    wers = [float(x) for x in (out / "test.log").read_text().split("test-clean wer: ")[1:]]
+    assert len(wers) == 1 and result["test"] == pytest.approx(wers[0] / 100) and result["test"] >= 0
+    assert isinstance(result["dev"], float)
+    # s3prl's ASR saves dev-clean-best.ckpt only when the dev WER beats its initial 100 %
+    best = (out / "dev-clean-best.ckpt").is_file()
+    assert best == (result["dev"] < 1)
+    assert result["states"] == ("dev-clean-best.ckpt" if best else "states-3.ckpt")
+    assert (out / "test-clean-noLM-hyp.ark").is_file() and (out / "dev-clean-noLM-ref.ark").is_file()
+    datarc = yaml.safe_load((out / "config.yaml").read_text())["downstream_expert"]["datarc"]
+    assert datarc["libri_root"] == str(pr_data) and datarc["dict_path"] == str(out / "char.dict")
+    assert datarc["bucket_file"] == str(out / "bucket_file") and datarc["num_workers"] == 0
+    for split in asr.SPLITS:
+        rows = (out / "bucket_file" / f"{split}.csv").read_text().splitlines()
+        assert [int(r.split(",")[2]) for r in rows[1:]] == sorted(PR_LENGTHS[split], reverse=True)
+    assert [line.split()[0] for line in (out / "char.dict").read_text().splitlines()] == list(asr.CHARS)
+    assert not list(pr_data.rglob("*.csv")) and not (pr_data / "char.dict").exists()
+
+
+def _flac(path: Path, n: int, rate: int = 16000) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.zeros(n, np.float32), rate)
+
+
+def test_asr_bucket_file_and_dictionary(tmp_path):
+    root = tmp_path / "libri"
+    train = root / "train-clean-100"
+    _flac(train / "1/2/1-2-0000.flac", 1600)
+    _flac(train / "1/2/1-2-0001.flac", 3200)
+    _flac(train / "3/4/3-4-0000.flac", 2400)
+    (train / "1/2/1-2.trans.txt").write_text("1-2-0000 HI YOU\n1-2-0001 it's  a\n")
+    (train / "3/4/3-4.trans.txt").write_text("3-4-0000 ZOO\n")
+    csv_file = asr.write_bucket_file(root, "train-clean-100", tmp_path / "bucket" / "train-clean-100.csv")
+    assert csv_file.read_text() == (",file_path,length,label\n"
+                                    "0,train-clean-100/1/2/1-2-0001.flac,3200,\n"
+                                    "1,train-clean-100/3/4/3-4-0000.flac,2400,\n"
+                                    "2,train-clean-100/1/2/1-2-0000.flac,1600,\n")
+    # tokens: H I | Y O U |, I T ' S | A |, Z O O |
+    dict_file = asr.write_dictionary(root, tmp_path / "char.dict")
+    assert dict_file.read_text() == ("| 5\nE 0\nT 1\nA 1\nO 3\nN 0\nI 2\nH 1\nS 1\nR 0\nD 0\nL 0\nU 1\n"
+                                     "M 0\nC 0\nW 0\nF 0\nG 0\nY 1\nP 0\nB 0\nV 0\nK 0\n' 1\nX 0\n"
+                                     "J 0\nQ 0\nZ 1\n")
+
+    # s3prl's own ASR dictionary and dataset read them as its preprocess outputs
+    from s3prl.downstream.asr.dataset import SequenceDataset
+    from s3prl.downstream.asr.dictionary import Dictionary
+
+    dictionary = Dictionary.load(str(dict_file))
+    assert len(dictionary) == 32 and dictionary.bos() == 0  # 4 specials + 28: the CTC blank is <s>
+    data = SequenceDataset("train", 1, dictionary, libri_root=str(root), bucket_file=str(csv_file.parent),
+                           train=["train-clean-100"])
+    assert data.X == [["train-clean-100/1/2/1-2-0001.flac"], ["train-clean-100/3/4/3-4-0000.flac"],
+                      ["train-clean-100/1/2/1-2-0000.flac"]]
+    assert data.Y["1-2-0000"].tolist() == [4 + asr.CHARS.index(c) for c in "HI|YOU|"] + [dictionary.eos()]
+    assert data.Y["1-2-0001"].tolist()[:-1] == [4 + asr.CHARS.index(c) for c in "IT'S|A|"]
+    assert len(dictionary) == 32  # nothing added while encoding
+    assert asr.tokens(" it's  a ") == list("IT'S|A|")
+
+    for split in asr.SPLITS[1:]:
+        _flac(root / split / "5/6/5-6-0000.flac", 800)
+        (root / split / "5/6/5-6.trans.txt").write_text("5-6-0000 A\n")
+    assert tasks.check_data(tasks.get_task("asr"), root) == {"train-clean-100": 3, "dev-clean": 1,
+                                                             "test-clean": 1}
+    task = tasks.get_task("asr")
+    printed = "train wer: 99.0\ndev-clean wer: 87.5\ndev-clean uer: 50.0\ndev-clean wer: 100.0\n"
+    assert tasks.parse_metric(task, "dev-clean", printed, tmp_path) == [0.875, 1.0]
+    assert tasks.parse_metric(task, "test-clean", printed, tmp_path) == []
+
+
+def test_asr_errors_before_training(pr_data, ckpt, tmp_path, no_s3prl):
+    out = tmp_path / "out"
+
+    def fails(message, data, **kwargs):
+        with pytest.raises(InputError, match=message):
+            runner.superb("asr", data, out, ckpt=ckpt, **kwargs)
+
+    data = _copy(pr_data, tmp_path / "missing")
+    shutil.rmtree(data / "test-clean")
+    fails("missing split test-clean/", data)
+    data = _copy(pr_data, tmp_path / "noflac")
+    for f in (data / "dev-clean").rglob("*.flac"):
+        f.unlink()
+    fails(r"dev-clean: no SPK/CH/SPK-CH-UTT.flac", data)
+    data = _copy(pr_data, tmp_path / "noline")
+    trans = data / "train-clean-100/101/10/101-10.trans.txt"
+    trans.write_text("".join(line + "\n" for line in trans.read_text().splitlines()[1:]))
+    fails(r"101-10-0001.flac: no line for 101-10-0001 in .*101-10.trans.txt", data)
+    data = _copy(pr_data, tmp_path / "notrans")
+    (data / "test-clean/100/10/100-10.trans.txt").unlink()
+    fails(r"100-10-0000.flac: no 100-10.trans.txt beside it", data)
+    data = _copy(pr_data, tmp_path / "chars")
+    trans = data / "dev-clean/100/10/100-10.trans.txt"
+    trans.write_text("100-10-0000 HELLO WORLD-2 café\n")
+    fails(r"100-10.trans.txt: utterance 100-10-0000: characters \['-', '2', 'É'\] are outside", data)
+    data = _copy(pr_data, tmp_path / "rate")
+    _flac(data / "test-clean/100/10/100-10-0000.flac", 8000, rate=8000)
+    fails("100-10-0000.flac: 8000 Hz; s3prl's ASR needs 16000 Hz", data)
+    data = _copy(pr_data, tmp_path / "one")
+    for f in sorted((data / "train-clean-100").rglob("*.flac"))[1:]:
+        f.unlink()
+    fails("has 1 file; s3prl's ASR dataset drops", data)
+    assert not out.exists()  # nothing written, no s3prl run

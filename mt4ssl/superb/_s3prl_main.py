@@ -17,6 +17,8 @@ The fixes, each needed on the pinned stack (s3prl 0.4.18, torch 2.8, huggingface
 5. KS (`-d speech_commands`): its expert imports catalyst (multi-GPU sampler only): a stand-in
    module that raises if used; and `torchaudio.sox_effects.apply_effects_file` needs libsox.so
    (Debian libsox-dev): replaced by soundfile + the same effects (mono, 16 kHz, gain -3 dB).
+   ASR (`-d asr`) needs no run-time fix (pandas and editdistance are in the `superb` extra);
+   the bucket CSVs and char.dict it lacks are data files, written by `mt4ssl.superb.asr`.
 """
 
 from __future__ import annotations

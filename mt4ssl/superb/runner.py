@@ -1,4 +1,4 @@
-"""`mt4ssl superb --task pr|ks --ckpt CKPT --data DIR --out EXPDIR`: one SUPERB task on a
+"""`mt4ssl superb --task pr|asr|ks --ckpt CKPT --data DIR --out EXPDIR`: one SUPERB task on a
 frozen upstream through s3prl 0.4.18's own runner and downstream code.
 
 1. Checks, before any training: the task name, the data layout and its splits
@@ -7,16 +7,18 @@ frozen upstream through s3prl 0.4.18's own runner and downstream code.
    architecture with fresh weights (written to EXPDIR/random_init.pt, seed `--seed`);
    `--upstream fbank` s3prl's fbank baseline (no checkpoint).
 3. Writes EXPDIR/config.yaml (s3prl's SUPERB config of the task, paths filled in, steps
-   scaled by `--steps`, `--lr`) and EXPDIR/phoneme.txt (PR).
+   scaled by `--steps`, `--lr`) and EXPDIR/phoneme.txt (PR), or EXPDIR/char.dict and
+   EXPDIR/bucket_file/{split}.csv (ASR; s3prl's wheel has neither, `mt4ssl.superb.asr`).
 4. Runs, each in a subprocess (`python -m mt4ssl.superb._s3prl_main`, s3prl's
    `run_downstream` with the run-time fixes listed there), output in EXPDIR/train.log and
    EXPDIR/test.log:
        -m train --device D -u UPSTREAM [-k CKPT] -d TASK -c EXPDIR/config.yaml -p EXPDIR
        -m evaluate --device D -e EXPDIR/dev-best.ckpt -t test
-   (the last states-N.ckpt when no dev-best.ckpt was written).
+   (the last states-N.ckpt when no dev-best.ckpt was written; ASR: dev-clean-best.ckpt and
+   `-t test-clean`, s3prl's split names there).
 5. Writes EXPDIR/result.json: task, upstream, ckpt (with --random-init: the checkpoint
-   whose architecture was used), random_init, lr, steps, metric (per: fraction, lower is
-   better; acc: fraction, higher is better), dev (best dev value during training), test (of
+   whose architecture was used), random_init, lr, steps, metric (per, wer: fractions, lower
+   is better; acc: fraction, higher is better), dev (best dev value during training), test (of
    the states evaluated, `states`), data, counts (files per split), seconds (both runs).
 
 EXPDIR must be new or empty (s3prl would otherwise resume or mix runs).
@@ -55,11 +57,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="mt4ssl_local (--ckpt) or s3prl's fbank baseline")
     parser.add_argument("--random-init", action="store_true",
                         help="the architecture of --ckpt with fresh weights")
-    parser.add_argument("--lr", type=float, help="learning rate (default: s3prl's, PR 1e-2, KS 1e-4)")
-    parser.add_argument("--steps", type=int, help="total steps (default: s3prl's, PR 100k, KS 200k); "
+    parser.add_argument("--lr", type=float, help="learning rate (default: s3prl's, PR 1e-2, ASR/KS 1e-4)")
+    parser.add_argument("--steps", type=int, help="total steps (default: s3prl's, PR 100k, ASR/KS 200k); "
                         "eval/save/log steps scale with it")
     parser.add_argument("--eval-step", type=int, help="evaluate dev every N steps (default: scaled)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: s3prl's, PR 16, KS 32)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: s3prl's, PR 16, ASR 32, KS 32)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
     parser.add_argument("--seed", type=int, default=1337, help="s3prl's seed; also --random-init's (1337)")
@@ -110,16 +112,16 @@ def superb(task_name: str, data: Path, out: Path, ckpt: Path | None = None,
     common = ["--device", device, "--seed", str(seed), "-d", task.downstream]
     train_out = _s3prl(["-m", "train", *common, *up, "-c", str(out / "config.yaml"), "-p", str(out)],
                        out / "train.log")
-    states = out / "dev-best.ckpt"
+    states = out / f"{task.dev_split}-best.ckpt"
     if not states.is_file():
         saved = sorted(out.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
         if not saved:
             raise RuntimeError(f"s3prl training wrote no dev-best.ckpt or states-*.ckpt in {out}")
         states = saved[-1]
-    dev = parse_metric(task, "dev", train_out, out)
-    seen = len(parse_metric(task, "test", "", out))  # KS: log.log holds training-time tests too
-    test_out = _s3prl(["-m", "evaluate", *common, "-e", str(states), "-t", "test"], out / "test.log")
-    test = parse_metric(task, "test", test_out, out)[seen:]
+    dev = parse_metric(task, task.dev_split, train_out, out)
+    seen = len(parse_metric(task, task.test_split, "", out))  # KS: log.log holds training-time tests too
+    test_out = _s3prl(["-m", "evaluate", *common, "-e", str(states), "-t", task.test_split], out / "test.log")
+    test = parse_metric(task, task.test_split, test_out, out)[seen:]
     if not test:
         raise RuntimeError(f"no test {task.metric} found in the s3prl output ({out / 'test.log'})")
 

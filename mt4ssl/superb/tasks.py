@@ -4,6 +4,8 @@ Hyper-parameters are s3prl 0.4.18's SUPERB configs, copied from the s3prl reposi
 (github s3prl/s3prl at tag v0.4.18; the wheel ships no task YAMLs):
   PR  s3prl/downstream/ctc/libriphone.yaml          (-d ctc)
   KS  s3prl/downstream/speech_commands/config.yaml  (-d speech_commands)
+  ASR s3prl/downstream/asr/config.yaml              (-d asr; without the dev-other and
+      test-other splits, which are not prepared; KenLM decoding off, as there)
 Changed: the data paths (absolute), `num_workers` (0 unless `--num-workers`; s3prl's 24 and
 8 are for GPU servers) and, when given, total_steps (`--steps`, with eval/save/log steps
 scaled), `--eval-step`, `--lr` and `--batch-size`.
@@ -15,6 +17,9 @@ Data layouts (`--data DIR`):
   KS  DIR/train/<word>/<spk>_nohash_<n>.wav + DIR/train/_background_noise_/*.wav (Speech
       Commands v1, e.g. speech_commands_v0.01) and DIR/test/<12 classes>/*.wav (the v0.01
       test set); `mt4ssl synth-superb --task ks` writes it.
+  ASR the PR tree without the lexicon; transcripts only of A-Z, ' and spaces, 16 kHz flac.
+      EXPDIR/bucket_file/<split>.csv and EXPDIR/char.dict are written from it
+      (`mt4ssl.superb.asr`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 import soundfile as sf
 
 from mt4ssl.errors import InputError
-from mt4ssl.superb import libriphone
+from mt4ssl.superb import asr, libriphone
 
 PR_SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
 KS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -67,18 +72,45 @@ KS_CONFIG = {  # s3prl/downstream/speech_commands/config.yaml
 }
 
 
+ASR_CONFIG = {  # s3prl/downstream/asr/config.yaml
+    "runner": {"total_steps": 200000, "gradient_clipping": 1, "gradient_accumulate_steps": 1,
+               "log_step": 100, "eval_step": 2000, "save_step": 500, "max_keep": 1,
+               "eval_dataloaders": ["dev-clean"]},
+    "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-4},
+    "specaug": {"adaptive": False, "adaptive_number_ratio": 0.04, "adaptive_size_ratio": 0.04,
+                "max_n_time_masks": 20, "apply_time_warp": True, "apply_time_mask": True,
+                "apply_freq_mask": True, "time_warp_window": 5, "time_mask_width_range": [0, 40],
+                "freq_mask_width_range": [0, 50], "num_freq_mask": 4, "num_time_mask": 2},
+    "downstream_expert": {
+        "datarc": {"train": [asr.SPLITS[0]], "dev-clean": [asr.SPLITS[1]], "test-clean": [asr.SPLITS[2]],
+                   "num_workers": 12, "train_batch_size": 32, "batch_size": 32, "eval_batch_size": 1,
+                   "libri_root": None, "bucket_file": None, "dict_path": None, "zero_infinity": True,
+                   "decoder_args": {"decoder_type": "None", "nbest": 1, "criterion": "ctc", "beam": 5,
+                                    "beam_threshold": 25, "kenlm_model": None, "lexicon": None,
+                                    "lm_weight": 2, "word_score": -1, "unk_weight": "-math.inf",
+                                    "sil_weight": 0}},
+        "modelrc": {"project_dim": 1024, "select": "RNNs", "Wav2Letter": {"total_rate": 320},
+                    "RNNs": {"total_rate": -1, "module": "LSTM", "bidirection": True,
+                             "dim": [1024, 1024], "dropout": [0.2, 0.2], "layer_norm": [False, False],
+                             "proj": [False, False], "sample_rate": [1, 1], "sample_style": "concat"}}},
+}
+
+
 @dataclass(frozen=True)
 class Task:
-    name: str  # pr | ks
+    name: str  # pr | ks | asr
     downstream: str  # s3prl's -d
     config: dict
     metric: str  # s3prl's name of the metric printed / logged
     higher_better: bool
+    dev_split: str = "dev"  # s3prl's names of the dev and test splits (`-t`; dev-best.ckpt)
+    test_split: str = "test"
 
 
 TASKS = {
     "pr": Task("pr", "ctc", PR_CONFIG, "per", False),
     "ks": Task("ks", "speech_commands", KS_CONFIG, "acc", True),
+    "asr": Task("asr", "asr", ASR_CONFIG, "wer", False, "dev-clean", "test-clean"),
 }
 
 
@@ -117,6 +149,11 @@ def task_config(task: Task, data: Path, expdir: Path, steps: int | None, eval_st
         ds["corpus"].update(path=str(data), lexicon=[str(data / "lexicon.txt")], num_workers=num_workers)
         ds["corpus"]["batch_size"] = batch_size or ds["corpus"]["batch_size"]
         ds["text"]["vocab_file"] = str(vocab)
+    elif task.name == "asr":
+        buckets, dictionary = asr.prepare(data, expdir)
+        ds["datarc"].update(libri_root=str(data), bucket_file=str(buckets), dict_path=str(dictionary),
+                            num_workers=num_workers)
+        ds["datarc"]["batch_size"] = batch_size or ds["datarc"]["batch_size"]
     else:
         ds["datarc"].update(speech_commands_root=str(data / "train"),
                             speech_commands_test_root=str(data / "test"), num_workers=num_workers)
@@ -137,6 +174,10 @@ def check_batches(task: Task, counts: dict, batch: int) -> None:
                          f"background noises, fewer than one batch of {batch} (s3prl drops the "
                          f"last partial batch, so training would never take a step); add data "
                          f"or give a smaller --batch-size")
+    if task.name == "asr" and counts[asr.SPLITS[0]] == 1 and batch > 1:
+        raise InputError(f"ASR: {asr.SPLITS[0]}/ has 1 file; s3prl's ASR dataset drops a last "
+                         f"bucket of one utterance, so training would never take a step; add "
+                         f"data or give --batch-size 1")
 
 
 # ---------------------------------------------------------------------------- data checks
@@ -146,6 +187,8 @@ def check_data(task: Task, data: Path) -> dict:
     """Check `data`'s layout for `task` before any training; return counts per split."""
     if not data.is_dir():
         raise InputError(f"--data {data}: not a folder")
+    if task.name == "asr":
+        return asr.check(data)
     return _check_pr(data) if task.name == "pr" else _check_ks(data)
 
 
@@ -221,7 +264,10 @@ def _check_ks(data: Path) -> dict:
 
 def parse_metric(task: Task, split: str, stdout: str, expdir: Path) -> list[float]:
     """Every value of `split`'s metric a run reported, in order: PR from the printed
-    `{split} per: X` lines, KS from EXPDIR/log.log `{split} at step N: X` lines."""
+    `{split} per: X` lines, KS from EXPDIR/log.log `{split} at step N: X` lines, ASR from
+    the printed `{split} wer: X` lines (s3prl prints percent: returned as a fraction, like PER)."""
+    if task.name == "asr":
+        return [float(x) / 100 for x in re.findall(rf"^{re.escape(split)} wer: ([0-9.eE+-]+)$", stdout, re.M)]
     if task.name == "pr":
         return [float(x) for x in re.findall(rf"^{split} per: ([0-9.eE+-]+)$", stdout, re.M)]
     log = expdir / "log.log"
