@@ -26,8 +26,8 @@ COMMANDS = {
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
     "probe": ("mt4ssl.probes.ctc", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),
-    "synth-superb": ("mt4ssl.superb.synth_ks", "write a synthetic Speech Commands v1 corpus for SUPERB KS (espeak-ng + flite)"),
-    "superb": ("mt4ssl.superb.runner", "SUPERB task (pr, asr, ks) on a frozen checkpoint through s3prl's runner -> result.json"),
+    "synth-superb": ("mt4ssl.superb.synth", "write synthetic SUPERB KS/SID/IC data (Speech Commands, VoxCeleb1, Fluent Speech Commands layouts)"),
+    "superb": ("mt4ssl.superb.runner", "SUPERB task (pr, asr, ks, sid, ic) on a frozen checkpoint through s3prl's runner -> result.json"),
 }
 
 

@@ -1,6 +1,6 @@
-"""`mt4ssl superb` (mt4ssl.superb.runner): PR and KS end to end through s3prl 0.4.18's own
+"""`mt4ssl superb` (mt4ssl.superb.runner): PR, KS, SID and IC end to end through s3prl 0.4.18's own
 runner on CPU (a few steps, tiny model, tiny data), and every input error raised before any
-s3prl process starts. Also the synthetic KS corpus and the PR phone vocab/lexicon checks."""
+s3prl process starts. Also the synthetic KS, SID and IC corpora and the PR phone vocab/lexicon checks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mt4ssl.data import synth  # noqa: E402
 from mt4ssl.data.text import WORD_PHONES  # noqa: E402
 from mt4ssl.errors import InputError  # noqa: E402
 from mt4ssl.superb import libriphone, runner, tasks  # noqa: E402
-from mt4ssl.superb.synth_ks import synth_ks  # noqa: E402
+from mt4ssl.superb.synth import synth_ks  # noqa: E402
 from tests.conftest import write_tree  # noqa: E402
 
 needs_tts = pytest.mark.skipif(any(shutil.which(p) is None for p in synth.PROGRAMS),
@@ -134,9 +134,9 @@ def test_errors_before_training(pr_data, ckpt, tmp_path, no_s3prl):
 
 
 def test_cli_error_message(pr_data, ckpt, tmp_path, capsys, no_s3prl):
-    rc = main(["superb", "--task", "sid", "--ckpt", str(ckpt), "--data", str(pr_data),
+    rc = main(["superb", "--task", "er", "--ckpt", str(ckpt), "--data", str(pr_data),
                "--out", str(tmp_path / "o")])
-    assert rc == 2 and "mt4ssl superb: error: unknown task 'sid'" in capsys.readouterr().err
+    assert rc == 2 and "mt4ssl superb: error: unknown task 'er'" in capsys.readouterr().err
 
 
 def test_ks_layout_errors(tmp_path, ckpt, no_s3prl):
@@ -301,4 +301,322 @@ def test_asr_errors_before_training(pr_data, ckpt, tmp_path, no_s3prl):
     for f in sorted((data / "train-clean-100").rglob("*.flac"))[1:]:
         f.unlink()
     fails("has 1 file; s3prl's ASR dataset drops", data)
+    assert not out.exists()  # nothing written, no s3prl run
+
+
+# ---------------------------------------------------------------------------- SID and IC, synthetic data
+
+import csv  # noqa: E402
+import hashlib  # noqa: E402
+import pickle  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+import yaml  # noqa: E402
+
+from mt4ssl.superb import synth as superb_synth  # noqa: E402
+
+SID_SIZES = dict(speakers=3, utterances=2, eval_utterances=1)
+IC_SIZES = dict(speakers=2, valid_speakers=1, test_speakers=1, utterances=4)
+
+
+def _synth_or_skip(tmp_path_factory, name: str, write, **sizes) -> Path:
+    if any(shutil.which(p) is None for p in synth.PROGRAMS):
+        pytest.skip(f"needs {', '.join(synth.PROGRAMS)}")
+    root = tmp_path_factory.mktemp(name) / name
+    write(root, **sizes)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sid_data(tmp_path_factory) -> Path:
+    return _synth_or_skip(tmp_path_factory, "voxceleb1", superb_synth.synth_sid, **SID_SIZES)
+
+
+@pytest.fixture(scope="module")
+def ic_data(tmp_path_factory) -> Path:
+    return _synth_or_skip(tmp_path_factory, "fluent", superb_synth.synth_ic, **IC_SIZES)
+
+
+def _marker(root: Path) -> dict:
+    return json.loads((root / superb_synth.MARKER).read_text())
+
+
+def _variation(root: Path) -> dict[str, dict]:
+    """variation.tsv by path, after checking its hash against the marker's."""
+    text = (root / superb_synth.VARIATION).read_text()
+    assert _marker(root)["variation"] == {"file": superb_synth.VARIATION,
+                                          "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+    return {r["path"]: r for r in rows}
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    return list(csv.reader(path.read_text().splitlines()))
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def test_synth_sid_layout(sid_data):
+    lines = (sid_data / tasks.SID_SPLIT_FILE).read_text().splitlines()
+    speakers = {"id10001", "id10002", "id10003"}
+    assert len(lines) == len(speakers) * (2 + 1 + 1)
+    by_split: dict[str, set] = {}
+    for line in lines:
+        index, name = line.split()
+        by_split.setdefault(index, set()).add(name.split("/")[0])
+        [wav] = sid_data.glob(f"*/wav/{name}")  # s3prl's lookup finds exactly one file
+        info = sf.info(str(wav))
+        assert (info.samplerate, info.channels) == (16000, 1) and info.frames > 16000 // 2
+    assert by_split == {"1": speakers, "2": speakers, "3": speakers}
+    assert sorted(p.name for p in (sid_data / "test" / "wav").iterdir()) == ["id10003"]  # the last fifth, >= 1
+    assert sorted(p.name for p in (sid_data / "dev" / "wav").iterdir()) == ["id10001", "id10002"]
+    assert len({line.split()[1].rsplit("/", 1)[0] for line in lines}) == 3 * 3  # a video per speaker and split
+    counts = _marker(sid_data)["counts"]
+    assert counts == {"train": 6, "dev": 3, "test": 3, "speakers": 3}
+    assert tasks.check_data(tasks.get_task("sid"), sid_data) == counts
+    rows = _variation(sid_data)
+    assert sorted(rows) == sorted(p.relative_to(sid_data).as_posix() for p in sid_data.rglob("*.wav"))
+    assert len({r["speed"] for r in rows.values()}) > 1 and len({r["pitch_cents"] for r in rows.values()}) > 1
+    for r in rows.values():
+        assert 0.85 <= float(r["speed"]) <= 1.15 and -200 <= int(r["pitch_cents"]) <= 200
+        assert 10 <= float(r["snr_db"]) <= 30 and r["noise"] in superb_synth.NOISES
+
+
+def test_synth_ic_layout(ic_data):
+    frames = {}
+    for split in tasks.IC_SPLITS:
+        rows = _csv_rows(ic_data / "data" / f"{split}_data.csv")
+        assert rows[0] == ["", "path", "speakerId", "transcription", "action", "object", "location"]
+        assert [r[0] for r in rows[1:]] == [str(i) for i in range(len(rows) - 1)]
+        frames[split] = rows[1:]
+        for _, path, spk, text, action, obj, location in rows[1:]:
+            assert path.startswith(f"wavs/speakers/{spk}/") and (ic_data / path).is_file()
+            assert (action, obj, location) in superb_synth.INTENTS and text[0].isupper()
+    assert [len(frames[s]) for s in tasks.IC_SPLITS] == [8, 4, 4]
+    speakers = {s: {r[2] for r in frames[s]} for s in tasks.IC_SPLITS}
+    assert [len(v) for v in speakers.values()] == [2, 1, 1] and not speakers["train"] & speakers["test"]
+    intents = {tuple(r[4:]) for r in frames["train"]}
+    assert len(intents) == 8  # training commands go through distinct intents first
+    for split in ("valid", "test"):
+        assert {tuple(r[4:]) for r in frames[split]} <= intents
+    counts = _marker(ic_data)["counts"]
+    assert counts == {"train": 8, "valid": 4, "test": 4, "intents": 8}
+    assert tasks.check_data(tasks.get_task("ic"), ic_data) == {"train": 8, "valid": 4, "test": 4}
+    assert sorted(_variation(ic_data)) == sorted(r[1] for s in tasks.IC_SPLITS for r in frames[s])
+    assert len(superb_synth.INTENTS) == len(set(superb_synth.INTENTS)) == 31
+    for action, obj, location in superb_synth.INTENTS:  # every intent has phrasings, rooms only where FSC has them
+        text = superb_synth._command(random.Random(0), action, obj, location)
+        assert location == "none" or location in text
+
+
+@needs_tts
+def test_synth_variation_applied(tmp_path):
+    """Speed changes the length by 1/speed; the noise is at the drawn SNR."""
+    sizes = dict(speakers=2, utterances=1, eval_utterances=1)
+    flat = superb_synth.Variation(speed=(1, 1), pitch=(0, 0), snr=None)
+    clean = superb_synth.synth_sid(tmp_path / "clean", **sizes, variation=flat)
+    assert superb_synth.synth_sid(tmp_path / "varied", **sizes) == clean
+    noisy = superb_synth.Variation(speed=(1, 1), pitch=(0, 0), snr=(10, 10))
+    superb_synth.synth_sid(tmp_path / "noisy", **sizes, variation=noisy)
+    assert {r["noise"] for r in _variation(tmp_path / "clean").values()} == {"none"}
+    for path, row in _variation(tmp_path / "varied").items():
+        ref, _ = sf.read(str(tmp_path / "clean" / path))
+        varied, _ = sf.read(str(tmp_path / "varied" / path))
+        assert len(varied) == pytest.approx(len(ref) / float(row["speed"]), rel=0.02)
+        noisy_wav, _ = sf.read(str(tmp_path / "noisy" / path))
+        gain = np.dot(noisy_wav, ref) / np.dot(ref, ref)  # the peak limit may scale the sum
+        residual = noisy_wav - gain * ref
+        assert 10 * np.log10(np.mean((gain * ref) ** 2) / np.mean(residual ** 2)) == pytest.approx(10, abs=0.5)
+    assert _marker(tmp_path / "noisy")["settings"]["variation"] == {"speed": [1.0, 1.0], "pitch": [0.0, 0.0],
+                                                                   "snr": [10.0, 10.0]}
+
+
+@needs_tts
+def test_synth_ks_variation(tmp_path):
+    counts = superb_synth.synth_ks(tmp_path / "ks", speakers=2, test_speakers=1, unknown=1)
+    rows = _variation(tmp_path / "ks")
+    assert len(rows) == counts["train"] + counts["dev"] + counts["test"] - 3  # not the generated noise
+    assert not any(tasks.BACKGROUND in p or "_silence_" in p for p in rows)
+    for path in rows:
+        assert sf.info(str(tmp_path / "ks" / path)).frames == 16000
+    assert _marker(tmp_path / "ks")["settings"]["format"] == superb_synth.FORMAT == 2
+
+
+@needs_tts
+def test_synth_resume_and_settings(tmp_path):
+    root = tmp_path / "ic"
+    counts = superb_synth.synth_ic(root, **IC_SIZES)
+    wavs = sorted(root.rglob("*.wav"))
+    audio = {p: p.read_bytes() for p in wavs}
+    mtimes = {p: p.stat().st_mtime_ns for p in wavs}
+    assert superb_synth.synth_ic(root, **IC_SIZES) == counts  # finished: kept as it is
+    assert {p: p.stat().st_mtime_ns for p in wavs} == mtimes
+    # interrupted: the settings in the partial marker, no marker, a file not written yet
+    settings = _marker(root)["settings"]
+    (root / superb_synth.MARKER).unlink()
+    (root / superb_synth.PARTIAL).write_text(json.dumps(settings))
+    wavs[0].unlink()
+    assert superb_synth.synth_ic(root, **IC_SIZES) == counts
+    assert wavs[0].read_bytes() == audio[wavs[0]]  # the same file again: seeded by its path
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in wavs[1:])  # the others kept
+    assert not (root / superb_synth.PARTIAL).exists() and _marker(root)["settings"] == settings
+    with pytest.raises(InputError, match="holds a corpus of other settings .*seed: 0 there, 1 now"):
+        superb_synth.synth_ic(root, **IC_SIZES, seed=1)
+    (root / superb_synth.MARKER).unlink()
+    (root / superb_synth.PARTIAL).write_text(json.dumps(settings))
+    with pytest.raises(InputError, match="holds an unfinished corpus of other settings .*utterances: 4 there, 5 now"):
+        superb_synth.synth_ic(root, **{**IC_SIZES, "utterances": 5})
+    other = superb_synth.synth_ic(tmp_path / "seed1", **IC_SIZES, seed=1)
+    assert other["train"] == counts["train"]
+    assert _marker(tmp_path / "seed1")["variation"]["sha256"] != hashlib.sha256(
+        (root / superb_synth.VARIATION).read_bytes()).hexdigest()  # other draws
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="exists and is not an empty folder"):
+        superb_synth.synth_sid(tmp_path / "busy", **SID_SIZES)
+
+
+def test_synth_superb_option_errors(tmp_path, capsys):
+    out = tmp_path / "o"
+    cases = {
+        ("--task", "pr"): "task 'pr' not supported: ks, sid, ic",
+        ("--task", "sid", "--unknown", "2"): "--unknown does not apply to --task sid",
+        ("--task", "ks", "--utterances", "2"): "--utterances does not apply to --task ks",
+        ("--task", "ic", "--speed", "1.2", "1.0"): "--speed takes LOW HIGH",
+        ("--task", "ks", "--pitch", "0", "2000"): "--pitch 0 2000: outside -1200 .. 1200",
+        ("--task", "sid", "--snr", "nan", "10"): "--snr takes LOW HIGH (finite",
+        ("--task", "sid", "--speakers", "1"): "--speakers must be 2..36",
+        ("--task", "sid", "--eval-utterances", "0"): "--eval-utterances must be >= 1",
+        ("--task", "ic", "--speakers", "30", "--valid-speakers", "5"): "must be at most 36 voices",
+        ("--task", "ic", "--workers", "0"): "--workers must be >= 1",
+    }
+    for args, message in cases.items():
+        assert main(["synth-superb", "--out", str(out), *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not out.exists()
+
+
+def test_sid_ic_configs(tmp_path):
+    sid = tasks.task_config(tasks.get_task("sid"), tmp_path, tmp_path, 2000, None, None, 0, 4)
+    assert sid["runner"]["gradient_accumulate_steps"] == 4 and sid["runner"]["eval_step"] == 100
+    assert sid["runner"]["eval_dataloaders"] == ["dev", "test"]
+    assert sid["downstream_expert"]["datarc"] == {
+        "file_path": str(tmp_path), "meta_data": str(tmp_path / "iden_split.txt"), "num_workers": 0,
+        "train_batch_size": 4, "eval_batch_size": 1, "max_timestep": 128000}
+    ic = tasks.task_config(tasks.get_task("ic"), tmp_path, tmp_path, None, None, 1e-3, 2)
+    assert ic["runner"]["total_steps"] == 200000 and ic["runner"]["save_step"] == 250
+    assert ic["optimizer"]["lr"] == 1e-3 and tasks.IC_CONFIG["optimizer"]["lr"] == 1e-4
+    assert ic["downstream_expert"]["datarc"] == {"file_path": str(tmp_path), "num_workers": 2,
+                                                 "train_batch_size": 32, "eval_batch_size": 32}
+    assert tasks.batch_size(sid) == 4 and tasks.batch_size(tasks.SID_CONFIG) == 8 and tasks.batch_size(ic) == 32
+
+
+def _check_logged(task_name: str, out: Path, result: dict) -> None:
+    """The result's dev and test are those of EXPDIR/log.log: the best dev and the test of the
+    evaluation, after the test s3prl runs at each training-time evaluation."""
+    task = tasks.get_task(task_name)
+    dev, test = tasks.parse_metric(task, "dev", "", out), tasks.parse_metric(task, "test", "", out)
+    assert len(dev) == 1 and len(test) == 2  # eval at step 3 (dev, test), then -m evaluate
+    assert result["dev"] == max(dev) and result["test"] == test[-1] and 0 <= result["test"] <= 1
+    assert result["metric"] == "acc" and result["steps"] == 3 and result["task"] == task_name
+
+
+@needs_tts
+def test_sid_end_to_end(sid_data, ckpt, tmp_path):
+    out = tmp_path / "sid"
+    result = runner.superb("sid", sid_data, out, ckpt=ckpt, steps=3, eval_step=3, batch_size=4)
+    assert result == json.loads((out / "result.json").read_text())
+    _check_logged("sid", out, result)
+    assert result["batch_size"] == 4 and result["lr"] == 1e-4 and result["counts"]["speakers"] == 3
+    datarc = yaml.safe_load((out / "config.yaml").read_text())["downstream_expert"]["datarc"]
+    assert datarc["file_path"] == str(sid_data) and datarc["meta_data"] == str(sid_data / "iden_split.txt")
+    # s3prl's file lists were cached in the run's folder, from this data
+    for split, n in (("train", 6), ("dev", 3), ("test", 3)):
+        with open(out / "voxceleb1_cache" / f"{split}.pkl", "rb") as f:
+            paths = pickle.load(f)
+        assert len(paths) == n and all(Path(p).is_relative_to(sid_data) for p in paths)
+    predicted = (out / "test_predict.txt").read_text().split()
+    assert len(predicted) == 2 * 3 and all(s.startswith("id1") for s in predicted[1::2])
+
+
+@needs_tts
+def test_ic_end_to_end(ic_data, ckpt, tmp_path):
+    out = tmp_path / "ic"
+    result = runner.superb("ic", ic_data, out, ckpt=ckpt, steps=3, eval_step=3, batch_size=4, lr=1e-3)
+    assert result == json.loads((out / "result.json").read_text())
+    _check_logged("ic", out, result)
+    assert result["counts"] == {"train": 8, "valid": 4, "test": 4} and result["lr"] == 1e-3
+    assert yaml.safe_load((out / "config.yaml").read_text())["downstream_expert"]["datarc"]["file_path"] == str(ic_data)
+    truth = _csv_rows(out / "test_truth.csv")
+    expected = [r[4:] for r in _csv_rows(ic_data / "data" / "test_data.csv")[1:]]
+    assert [r[1:] for r in truth] == expected  # s3prl read our slots
+
+
+@needs_tts
+def test_sid_ic_errors_before_training(sid_data, ic_data, ckpt, tmp_path, no_s3prl):
+    out = tmp_path / "out"
+
+    def fails(task, data, message):
+        with pytest.raises(InputError, match=message):
+            runner.superb(task, data, out, ckpt=ckpt)
+
+    split_lines = (sid_data / tasks.SID_SPLIT_FILE).read_text().splitlines()
+
+    def sid_case(name, lines=None):
+        data = _copy(sid_data, tmp_path / name)
+        if lines is not None:
+            (data / tasks.SID_SPLIT_FILE).write_text("".join(line + "\n" for line in lines))
+        return data
+
+    data = sid_case("nosplit")
+    (data / tasks.SID_SPLIT_FILE).unlink()
+    fails("sid", data, "no iden_split.txt")
+    data = sid_case("layout")
+    for folder in ("dev", "test"):
+        (data / folder / "wav").rename(data / folder / "audio")
+    fails("sid", data, r"no \*/wav/idNNNNN/VIDEO/UTT.wav files")
+    fails("sid", sid_case("index", split_lines + ["4 id10001/abc/00001.wav"]),
+          r"iden_split.txt:13: '4 id10001/abc/00001.wav' is not `1\|2\|3")
+    fails("sid", sid_case("blank", split_lines[:2] + [""] + split_lines[2:]), r"iden_split.txt:3: '' is not")
+    fails("sid", sid_case("shape", ["1 id10001/00001.wav"] + split_lines), r":1: 'id10001/00001.wav' is not idNNNNN")
+    fails("sid", sid_case("range", split_lines + ["1 id09999/abc/00001.wav"]), "speaker id09999 is outside id10001..id11251")
+    fails("sid", sid_case("nofile", split_lines + ["1 id10001/abc/00009.wav"]), r":13: id10001/abc/00009.wav not found as")
+    data = sid_case("twice")
+    shutil.copytree(data / "dev" / "wav" / "id10001", data / "test" / "wav" / "id10001")
+    fails("sid", data, r":1: id10001/.* is in 2 folders")
+    fails("sid", sid_case("nodev", [line for line in split_lines if not line.startswith("2 ")]),
+          "missing split dev: no `2 ...` lines")
+    fails("sid", sid_case("unseen", [line for line in split_lines if not line.startswith("1 id10002")]),
+          "speaker.s. id10002 have dev/test lines but no training")
+    data = sid_case("rate")
+    first = next(sid_data.glob(f"*/wav/{split_lines[0].split()[1]}")).relative_to(sid_data)
+    sf.write(str(data / first), np.zeros(8000, np.float32), 8000)
+    fails("sid", data, "sample rate 8000 Hz, expected 16000 Hz")
+
+    def ic_case(name, split=None, edit=None):
+        data = _copy(ic_data, tmp_path / f"ic-{name}")
+        if edit is not None:
+            path = data / "data" / f"{split}_data.csv"
+            _write_csv(path, edit(_csv_rows(path)))
+        return data
+
+    data = ic_case("nocsv")
+    (data / "data" / "valid_data.csv").unlink()
+    fails("ic", data, "missing split data/valid_data.csv")
+    fails("ic", ic_case("column", "train", lambda rows: [r[:5] + r[6:] for r in rows]),
+          r"train_data.csv: no column\(s\) object")
+    fails("ic", ic_case("norows", "test", lambda rows: rows[:1]), "test_data.csv: no rows")
+    fails("ic", ic_case("empty", "test", lambda rows: rows[:2] + [rows[2][:6] + [""]] + rows[3:]),
+          "test_data.csv:3: empty location")
+    fails("ic", ic_case("unseen", "valid", lambda rows: rows[:1] + [rows[1][:5] + ["toaster"] + rows[1][6:]] + rows[2:]),
+          "valid_data.csv:2: object 'toaster' does not occur in train_data.csv")
+    data = ic_case("nowav")
+    (data / _csv_rows(data / "data" / "train_data.csv")[2][1]).unlink()  # line 3
+    fails("ic", data, r"train_data.csv:3: wavs/speakers/.*\.wav: no such file")
     assert not out.exists()  # nothing written, no s3prl run

@@ -19,11 +19,19 @@ The fixes, each needed on the pinned stack (s3prl 0.4.18, torch 2.8, huggingface
    (Debian libsox-dev): replaced by soundfile + the same effects (mono, 16 kHz, gain -3 dB).
    ASR (`-d asr`) needs no run-time fix (pandas and editdistance are in the `superb` extra);
    the bucket CSVs and char.dict it lacks are data files, written by `mt4ssl.superb.asr`.
+6. SID (`-d voxceleb1`): its dataset imports librosa (unused; not installed): a stand-in when
+   it is missing; and it caches its file lists in site-packages (`voxceleb1/.cache/{train,dev,
+   test}.pkl`) and reuses them for any later data: the cache is EXPDIR/voxceleb1_cache/
+   instead (EXPDIR from `-p` / `-n`, or the folder of `-e`'s states file).
+   IC (`-d fluent_commands`) needs no fix: pandas, which it imports undeclared, is in the
+   `superb` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import types
 
@@ -106,6 +114,30 @@ def _fix_speech_commands() -> None:
     dataset.apply_effects_file = _apply_effects_file
 
 
+def _fix_voxceleb1(argv: list[str]) -> None:
+    if importlib.util.find_spec("librosa") is None:
+        librosa = types.ModuleType("librosa")
+        librosa.__path__ = []
+        util = types.ModuleType("librosa.util")
+        util.find_files = _unavailable("librosa.util.find_files")
+        librosa.util = util
+        sys.modules.update({"librosa": librosa, "librosa.util": util})
+
+    import s3prl.downstream.voxceleb1.dataset as dataset
+
+    if "-p" in argv:
+        expdir = argv[argv.index("-p") + 1]
+    elif "-e" in argv:
+        past = argv[argv.index("-e") + 1]
+        expdir = past if os.path.isdir(past) else os.path.dirname(os.path.abspath(past))
+    elif "-n" in argv:  # s3prl's default root
+        expdir = os.path.join("result", "downstream", argv[argv.index("-n") + 1])
+    else:
+        raise SystemExit("mt4ssl: -d voxceleb1 needs -p EXPDIR, -n NAME or -e STATES (its file-list "
+                         "cache goes in the experiment folder)")
+    dataset.CACHE_PATH = os.path.join(expdir, "voxceleb1_cache", "")
+
+
 def main(argv: list[str]) -> None:
     _fix_huggingface_hub()
     _fix_weights_only()
@@ -117,6 +149,8 @@ def main(argv: list[str]) -> None:
         _fix_ctc()
     elif task == "speech_commands":
         _fix_speech_commands()
+    elif task == "voxceleb1":
+        _fix_voxceleb1(argv)
 
     from s3prl import run_downstream
 

@@ -1,4 +1,4 @@
-"""`mt4ssl superb --task pr|asr|ks --ckpt CKPT --data DIR --out EXPDIR`: one SUPERB task on a
+"""`mt4ssl superb --task pr|asr|ks|sid|ic --ckpt CKPT --data DIR --out EXPDIR`: one SUPERB task on a
 frozen upstream through s3prl 0.4.18's own runner and downstream code.
 
 1. Checks, before any training: the task name, the data layout and its splits
@@ -57,11 +57,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="mt4ssl_local (--ckpt) or s3prl's fbank baseline")
     parser.add_argument("--random-init", action="store_true",
                         help="the architecture of --ckpt with fresh weights")
-    parser.add_argument("--lr", type=float, help="learning rate (default: s3prl's, PR 1e-2, ASR/KS 1e-4)")
-    parser.add_argument("--steps", type=int, help="total steps (default: s3prl's, PR 100k, ASR/KS 200k); "
+    parser.add_argument("--lr", type=float, help="learning rate (default: s3prl's, PR 1e-2, ASR/KS/SID/IC 1e-4)")
+    parser.add_argument("--steps", type=int, help="total steps (default: s3prl's, PR 100k, ASR/KS/SID/IC 200k); "
                         "eval/save/log steps scale with it")
     parser.add_argument("--eval-step", type=int, help="evaluate dev every N steps (default: scaled)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: s3prl's, PR 16, ASR 32, KS 32)")
+    parser.add_argument("--batch-size", type=int, help="(training) batch size (default: s3prl's, PR 16, ASR 32, KS 32, SID 8, IC 32)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
     parser.add_argument("--seed", type=int, default=1337, help="s3prl's seed; also --random-init's (1337)")

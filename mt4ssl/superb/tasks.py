@@ -4,6 +4,8 @@ Hyper-parameters are s3prl 0.4.18's SUPERB configs, copied from the s3prl reposi
 (github s3prl/s3prl at tag v0.4.18; the wheel ships no task YAMLs):
   PR  s3prl/downstream/ctc/libriphone.yaml          (-d ctc)
   KS  s3prl/downstream/speech_commands/config.yaml  (-d speech_commands)
+  SID s3prl/downstream/voxceleb1/config.yaml        (-d voxceleb1)
+  IC  s3prl/downstream/fluent_commands/config.yaml  (-d fluent_commands)
   ASR s3prl/downstream/asr/config.yaml              (-d asr; without the dev-other and
       test-other splits, which are not prepared; KenLM decoding off, as there)
 Changed: the data paths (absolute), `num_workers` (0 unless `--num-workers`; s3prl's 24 and
@@ -17,6 +19,13 @@ Data layouts (`--data DIR`):
   KS  DIR/train/<word>/<spk>_nohash_<n>.wav + DIR/train/_background_noise_/*.wav (Speech
       Commands v1, e.g. speech_commands_v0.01) and DIR/test/<12 classes>/*.wav (the v0.01
       test set); `mt4ssl synth-superb --task ks` writes it.
+  SID DIR/{dev,test}/wav/idNNNNN/<video>/<utt>.wav and DIR/iden_split.txt, lines
+      `1|2|3 idNNNNN/<video>/<utt>.wav` (train|dev|test): VoxCeleb1 (vox1_dev_wav and
+      vox1_test_wav unpacked in DIR, with its iden_split.txt), or `mt4ssl synth-superb --task
+      sid`. Labels are int(NNNNN) - 10001 into s3prl's fixed 1251 classes (id10001..id11251).
+  IC  DIR/data/{train,valid,test}_data.csv (`,path,speakerId,transcription,action,object,
+      location`) and the wavs at their `path`s, relative to DIR: Fluent Speech Commands
+      (fluent_speech_commands_dataset), or `mt4ssl synth-superb --task ic`.
   ASR the PR tree without the lexicon; transcripts only of A-Z, ' and spaces, 16 kHz flac.
       EXPDIR/bucket_file/<split>.csv and EXPDIR/char.dict are written from it
       (`mt4ssl.superb.asr`).
@@ -32,6 +41,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from mt4ssl.data.audio import audio_info
 from mt4ssl.errors import InputError
 from mt4ssl.superb import asr, libriphone
 
@@ -39,6 +49,12 @@ PR_SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean
 KS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 KS_CLASSES = KS_WORDS + ("_unknown_", "_silence_")
 BACKGROUND = "_background_noise_"
+SID_SPLIT_FILE = "iden_split.txt"
+SID_CLASSES = 1251  # s3prl's fixed output layer: labels int(id[2:]) - 10001
+SID_SPLITS = {1: "train", 2: "dev", 3: "test"}
+IC_SPLITS = ("train", "valid", "test")  # DIR/data/{split}_data.csv
+IC_COLUMNS = ("path", "speakerId", "transcription", "action", "object", "location")
+IC_SLOTS = ("action", "object", "location")
 
 PR_CONFIG = {  # s3prl/downstream/ctc/libriphone.yaml
     "runner": {"total_steps": 100000, "gradient_clipping": 1, "gradient_accumulate_steps": 2,
@@ -71,6 +87,28 @@ KS_CONFIG = {  # s3prl/downstream/speech_commands/config.yaml
                     "UtteranceLevel": {"pooling": "MeanPooling"}}},
 }
 
+SID_CONFIG = {  # s3prl/downstream/voxceleb1/config.yaml
+    "runner": {"total_steps": 200000, "gradient_clipping": 1, "gradient_accumulate_steps": 4,
+               "log_step": 500, "eval_step": 5000, "save_step": 1000, "max_keep": 1,
+               "eval_dataloaders": ["dev", "test"]},
+    "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-4},
+    "downstream_expert": {
+        "datarc": {"file_path": None, "meta_data": None, "num_workers": 12, "train_batch_size": 8,
+                   "eval_batch_size": 1, "max_timestep": 128000},
+        "modelrc": {"projector_dim": 256, "select": "UtteranceLevel",
+                    "UtteranceLevel": {"pooling": "MeanPooling"}}},
+}
+
+IC_CONFIG = {  # s3prl/downstream/fluent_commands/config.yaml
+    "runner": {"total_steps": 200000, "gradient_clipping": 1, "gradient_accumulate_steps": 1,
+               "log_step": 100, "eval_step": 5000, "save_step": 250, "max_keep": 1,
+               "eval_dataloaders": ["dev", "test"]},
+    "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-4},
+    "downstream_expert": {
+        "datarc": {"file_path": None, "num_workers": 12, "train_batch_size": 32, "eval_batch_size": 32},
+        "modelrc": {"projector_dim": 256, "select": "UtteranceLevel",
+                    "UtteranceLevel": {"pooling": "MeanPooling"}}},
+}
 
 ASR_CONFIG = {  # s3prl/downstream/asr/config.yaml
     "runner": {"total_steps": 200000, "gradient_clipping": 1, "gradient_accumulate_steps": 1,
@@ -98,7 +136,7 @@ ASR_CONFIG = {  # s3prl/downstream/asr/config.yaml
 
 @dataclass(frozen=True)
 class Task:
-    name: str  # pr | ks | asr
+    name: str  # pr | ks | sid | ic | asr
     downstream: str  # s3prl's -d
     config: dict
     metric: str  # s3prl's name of the metric printed / logged
@@ -110,6 +148,8 @@ class Task:
 TASKS = {
     "pr": Task("pr", "ctc", PR_CONFIG, "per", False),
     "ks": Task("ks", "speech_commands", KS_CONFIG, "acc", True),
+    "sid": Task("sid", "voxceleb1", SID_CONFIG, "acc", True),
+    "ic": Task("ic", "fluent_commands", IC_CONFIG, "acc", True),
     "asr": Task("asr", "asr", ASR_CONFIG, "wer", False, "dev-clean", "test-clean"),
 }
 
@@ -154,16 +194,22 @@ def task_config(task: Task, data: Path, expdir: Path, steps: int | None, eval_st
         ds["datarc"].update(libri_root=str(data), bucket_file=str(buckets), dict_path=str(dictionary),
                             num_workers=num_workers)
         ds["datarc"]["batch_size"] = batch_size or ds["datarc"]["batch_size"]
-    else:
+    elif task.name == "ks":
         ds["datarc"].update(speech_commands_root=str(data / "train"),
                             speech_commands_test_root=str(data / "test"), num_workers=num_workers)
         ds["datarc"]["batch_size"] = batch_size or ds["datarc"]["batch_size"]
+    else:  # sid, ic
+        ds["datarc"].update(file_path=str(data), num_workers=num_workers)
+        if task.name == "sid":
+            ds["datarc"]["meta_data"] = str(data / SID_SPLIT_FILE)
+        ds["datarc"]["train_batch_size"] = batch_size or ds["datarc"]["train_batch_size"]
     return cfg
 
 
 def batch_size(cfg: dict) -> int:
     ds = cfg["downstream_expert"]
-    return (ds["corpus"] if "corpus" in ds else ds["datarc"])["batch_size"]
+    rc = ds["corpus"] if "corpus" in ds else ds["datarc"]
+    return rc["batch_size"] if "batch_size" in rc else rc["train_batch_size"]  # SID, IC: train_
 
 
 def check_batches(task: Task, counts: dict, batch: int) -> None:
@@ -189,6 +235,8 @@ def check_data(task: Task, data: Path) -> dict:
         raise InputError(f"--data {data}: not a folder")
     if task.name == "asr":
         return asr.check(data)
+    if task.name in ("sid", "ic"):
+        return _check_sid(data) if task.name == "sid" else _check_ic(data)
     return _check_pr(data) if task.name == "pr" else _check_ks(data)
 
 
@@ -259,12 +307,99 @@ def _check_ks(data: Path) -> dict:
     return counts
 
 
+def _check_sid(data: Path) -> dict:
+    """VoxCeleb1 as s3prl's voxceleb1/dataset.py reads it: each split-file line names a file
+    it finds as DIR/*/wav/<path> (the first match), labelled by its speaker folder."""
+    split_file = data / SID_SPLIT_FILE
+    if not split_file.is_file():
+        raise InputError(f"--data {data}: no {SID_SPLIT_FILE} (VoxCeleb1's identification split, "
+                         f"lines `1|2|3 idNNNNN/VIDEO/UTT.wav` for train|dev|test)")
+    found: dict[str, list[Path]] = {}
+    for root in sorted(p for p in data.glob("*/wav") if p.is_dir()):
+        for wav in root.glob("*/*/*.wav"):
+            found.setdefault(wav.relative_to(root).as_posix(), []).append(wav)
+    if not found:
+        raise InputError(f"--data {data}: no */wav/idNNNNN/VIDEO/UTT.wav files (VoxCeleb1 layout: "
+                         f"dev/wav/..., test/wav/...)")
+    counts = {split: 0 for split in SID_SPLITS.values()}
+    speakers: dict[str, set[str]] = {split: set() for split in SID_SPLITS.values()}
+    first: dict[str, Path] = {}
+    for n, line in enumerate(split_file.read_text().splitlines(), 1):
+        where, parts = f"{split_file}:{n}", line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) not in SID_SPLITS:
+            raise InputError(f"{where}: {line!r} is not `1|2|3 idNNNNN/VIDEO/UTT.wav`")
+        match = re.fullmatch(r"id(\d{5})/[^/]+/[^/]+\.wav", parts[1])
+        if not match:
+            raise InputError(f"{where}: {parts[1]!r} is not idNNNNN/VIDEO/UTT.wav")
+        if not 0 <= int(match[1]) - 10001 < SID_CLASSES:
+            raise InputError(f"{where}: speaker id{match[1]} is outside id10001..id{10000 + SID_CLASSES} "
+                             f"(s3prl's {SID_CLASSES} classes, label NNNNN - 10001)")
+        paths = found.get(parts[1], [])
+        if len(paths) != 1:
+            raise InputError(f"{where}: {parts[1]} " + (f"not found as {data}/*/wav/{parts[1]}" if not paths else
+                             f"is in {len(paths)} folders ({', '.join(str(p) for p in paths)}): ambiguous"))
+        split = SID_SPLITS[int(parts[0])]
+        counts[split] += 1
+        speakers[split].add(match[1])
+        first.setdefault(split, paths[0])
+    for index, split in SID_SPLITS.items():
+        if not counts[split]:
+            raise InputError(f"{split_file}: missing split {split}: no `{index} ...` lines")
+    unseen = sorted((speakers["dev"] | speakers["test"]) - speakers["train"])
+    if unseen:
+        raise InputError(f"{split_file}: speaker(s) {', '.join('id' + s for s in unseen)} have dev/test "
+                         f"lines but no training (1) line (SID classifies among training speakers)")
+    for wav in first.values():
+        audio_info(wav)
+    return counts | {"speakers": len(speakers["train"])}
+
+
+def _check_ic(data: Path) -> dict:
+    """Fluent Speech Commands as s3prl's fluent_commands expert reads it: pandas.read_csv of
+    each csv, the wav at DIR/<path>, the classes of each slot those of train."""
+    import pandas as pd
+
+    frames = {}
+    for split in IC_SPLITS:
+        csv = data / "data" / f"{split}_data.csv"
+        if not csv.is_file():
+            raise InputError(f"--data {data}: missing split data/{split}_data.csv (Fluent Speech Commands "
+                             f"layout: data/{{{','.join(IC_SPLITS)}}}_data.csv, columns ,{','.join(IC_COLUMNS)})")
+        try:
+            df = pd.read_csv(csv)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise InputError(f"{csv}: not a readable csv ({e})") from None
+        missing = [c for c in ("path", *IC_SLOTS) if c not in df.columns]
+        if missing:
+            raise InputError(f"{csv}: no column(s) {', '.join(missing)} (s3prl reads path, "
+                             f"{', '.join(IC_SLOTS)}; the FSC header is ,{','.join(IC_COLUMNS)})")
+        if df.empty:
+            raise InputError(f"{csv}: no rows")
+        for column in ("path", *IC_SLOTS):  # line numbers: the header is line 1
+            if df[column].isna().any():
+                raise InputError(f"{csv}:{int(df[column].isna().to_numpy().argmax()) + 2}: empty {column} "
+                                 f"(pandas reads it as missing)")
+        for n, path in enumerate(df["path"], 2):
+            if not (data / str(path)).is_file():
+                raise InputError(f"{csv}:{n}: {path}: no such file under {data}")
+        audio_info(data / str(df["path"].iloc[0]))
+        frames[split] = df
+    for split in IC_SPLITS[1:]:
+        for slot in IC_SLOTS:
+            known = set(frames["train"][slot])
+            for n, value in enumerate(frames[split][slot], 2):
+                if value not in known:
+                    raise InputError(f"{data / 'data' / f'{split}_data.csv'}:{n}: {slot} {value!r} does not "
+                                     f"occur in train_data.csv (s3prl's {slot} classes are those of train)")
+    return {split: len(df) for split, df in frames.items()}
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
 def parse_metric(task: Task, split: str, stdout: str, expdir: Path) -> list[float]:
     """Every value of `split`'s metric a run reported, in order: PR from the printed
-    `{split} per: X` lines, KS from EXPDIR/log.log `{split} at step N: X` lines, ASR from
+    `{split} per: X` lines, KS, SID and IC from EXPDIR/log.log `{split} at step N: X` lines, ASR from
     the printed `{split} wer: X` lines (s3prl prints percent: returned as a fraction, like PER)."""
     if task.name == "asr":
         return [float(x) / 100 for x in re.findall(rf"^{re.escape(split)} wer: ([0-9.eE+-]+)$", stdout, re.M)]
