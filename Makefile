@@ -15,7 +15,7 @@ setup: $(STAMP) sysdeps
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" wheel setuptools
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,superb]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,superb,decode]"
 	touch $@
 
 # Debian tools for the synthetic corpus: installed when missing and running as root.

@@ -25,6 +25,8 @@ COMMANDS = {
     "export": ("mt4ssl.export.hf", "mt4ssl checkpoint -> Hugging Face transformers folder (hf: safetensors + config + feature extractor)"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
     "probe": ("mt4ssl.probes.ctc", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
+    "lm": ("mt4ssl.finetune.lm", "word n-gram LM (modified Kneser-Ney) from transcripts -> ARPA file"),
+    "decode": ("mt4ssl.finetune.decode", "CTC letter model: Viterbi + lexicon/KenLM beam decoding -> hypotheses, WER/CER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),
     "synth-superb": ("mt4ssl.superb.synth", "write synthetic SUPERB KS/SID/IC data (Speech Commands, VoxCeleb1, Fluent Speech Commands layouts)"),
     "superb": ("mt4ssl.superb.runner", "SUPERB task (pr, asr, ks, sid, ic) on a frozen checkpoint through s3prl's runner -> result.json"),
