@@ -29,7 +29,7 @@ COMMANDS = {
     "decode": ("mt4ssl.finetune.decode", "CTC letter model: Viterbi + lexicon/KenLM beam decoding -> hypotheses, WER/CER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),
     "synth-superb": ("mt4ssl.superb.synth", "write synthetic SUPERB KS/SID/IC data (Speech Commands, VoxCeleb1, Fluent Speech Commands layouts)"),
-    "superb": ("mt4ssl.superb.runner", "SUPERB task (pr, asr, ks, sid, ic) on a frozen checkpoint through s3prl's runner -> result.json"),
+    "superb": ("mt4ssl.superb.sweep", "SUPERB task (pr, asr, ks, sid, ic) on a frozen checkpoint through s3prl's runner -> result.json"),
 }
 
 

@@ -17,7 +17,7 @@ from mt4ssl.cli import main  # noqa: E402
 from mt4ssl.data import synth  # noqa: E402
 from mt4ssl.data.text import WORD_PHONES  # noqa: E402
 from mt4ssl.errors import InputError  # noqa: E402
-from mt4ssl.superb import libriphone, runner, tasks  # noqa: E402
+from mt4ssl.superb import libriphone, runner, sweep, tasks  # noqa: E402
 from mt4ssl.superb.synth import synth_ks  # noqa: E402
 from tests.conftest import write_tree  # noqa: E402
 
@@ -58,20 +58,43 @@ def no_s3prl(monkeypatch):
     monkeypatch.setattr(runner, "_s3prl", refuse)
 
 
-def test_pr_end_to_end(pr_data, ckpt, tmp_path):
+def test_pr_sweep_end_to_end(pr_data, ckpt, tmp_path, monkeypatch):
     out = tmp_path / "pr"
-    rc = main(["superb", "--task", "pr", "--ckpt", str(ckpt), "--data", str(pr_data),
-               "--out", str(out), "--steps", "3", "--eval-step", "3"])
-    assert rc == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["task"] == "pr" and result["metric"] == "per" and result["steps"] == 3
-    assert result["lr"] == 1e-2 and result["states"] == "dev-best.ckpt"
-    assert isinstance(result["test"], float) and result["test"] >= 0
-    assert isinstance(result["dev"], float)
-    assert (out / "test-hyp.ark").is_file()
-    assert (out / "phoneme.txt").read_text().split() == list(libriphone.PHONES)
-    cfg = (out / "config.yaml").read_text()
-    assert "total_steps: 3" in cfg and str(pr_data) in cfg
+    argv = ["superb", "--task", "pr", "--ckpt", str(ckpt), "--data", str(pr_data),
+            "--out", str(out), "--steps", "3", "--eval-step", "3", "--lr", "1e-2", "1e-4"]
+    assert main(argv) == 0
+    summary = json.loads((out / "result.json").read_text())
+    runs = {r["folder"]: r for r in summary["runs"]}
+    assert sorted(runs) == ["lr0.0001", "lr0.01"] and summary["pending"] == []
+    for name, lr in (("lr0.01", 1e-2), ("lr0.0001", 1e-4)):
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["task"] == "pr" and result["metric"] == "per" and result["steps"] == 3
+        assert result["lr"] == lr and result["states"] == "dev-best.ckpt"
+        assert isinstance(result["test"], float) and result["test"] >= 0 and isinstance(result["dev"], float)
+        assert runs[name]["dev"] == result["dev"] and runs[name]["test"] == result["test"]
+        assert (out / name / "test-hyp.ark").is_file()
+        assert (out / name / "phoneme.txt").read_text().split() == list(libriphone.PHONES)
+        cfg = (out / name / "config.yaml").read_text()
+        assert "total_steps: 3" in cfg and str(pr_data) in cfg and f"lr: {lr}" in cfg
+    best = min(summary["runs"], key=lambda r: r["dev"])  # PER: lower is better
+    assert summary["run"] == best["folder"] and summary["test"] == best["test"] and summary["lr"] == best["lr"]
+    assert summary["commands"][0].startswith("mt4ssl superb --task pr") and "--lr 0.01 0.0001" in summary["commands"][0]
+
+    # the same command again retrains nothing (a started s3prl process would fail the test)
+    monkeypatch.setattr(runner, "_s3prl", lambda argv, logfile, append=False: pytest.fail(f"s3prl ran {argv}"))
+    assert main(argv) == 0
+    assert json.loads((out / "result.json").read_text())["runs"] == summary["runs"]
+    monkeypatch.undo()
+
+    # an interrupted run (states saved, no result) resumes from s3prl's newest states
+    run = out / "lr0.0001"
+    for name in ("result.json", "test.log"):
+        (run / name).unlink()
+    assert main(argv) == 0
+    assert "Resume from" in (run / "train.log").read_text() and (run / "result.json").is_file()
+    # another setting in the same sweep folder is an error naming it
+    with pytest.raises(InputError, match="steps: 3 there, 5 now"):
+        sweep.sweep("pr", pr_data, out, [1e-2], ckpt=ckpt, steps=5, eval_step=3)
 
 
 @needs_tts
