@@ -17,6 +17,7 @@ from mt4ssl.errors import InputError
 COMMANDS = {
     "synth-corpus": ("mt4ssl.data.synth", "write a synthetic LibriSpeech-layout corpus (espeak-ng + flite)"),
     "manifest": ("mt4ssl.data.manifest", "LibriSpeech-layout folder -> fairseq {split}.tsv/.wrd/.ltr"),
+    "manifest-limited": ("mt4ssl.data.limited", "Libri-light limited splits (10 min, 1 h, 10 h) + LibriSpeech dev/test -> manifests"),
     "features": ("mt4ssl.features.dump", "dump MFCC features of a manifest, sharded and resumable"),
     "kmeans": ("mt4ssl.kmeans.learn", "learn k-means centroids on a sample of dumped features"),
     "labels": ("mt4ssl.kmeans.apply", "apply k-means: write 50 Hz {split}.km + dict.km.txt"),
@@ -25,6 +26,7 @@ COMMANDS = {
     "export": ("mt4ssl.export.hf", "mt4ssl checkpoint -> Hugging Face transformers folder (hf: safetensors + config + feature extractor)"),
     "extract": ("mt4ssl.features.extract", "hidden states of a checkpoint for an audio file or a manifest"),
     "probe": ("mt4ssl.probes.ctc", "phone recognition probe: linear CTC on frozen layers or MFCC -> PER"),
+    "finetune": ("mt4ssl.finetune.train", "CTC fine-tuning on letters (.ltr) of a pretrained encoder from a YAML config"),
     "lm": ("mt4ssl.finetune.lm", "word n-gram LM (modified Kneser-Ney) from transcripts -> ARPA file"),
     "decode": ("mt4ssl.finetune.decode", "CTC letter model: Viterbi + lexicon/KenLM beam decoding -> hypotheses, WER/CER"),
     "purity": ("mt4ssl.probes.purity", "phone purity, cluster purity, PNMI (+ linear frame classifier) vs phone alignments"),

@@ -49,3 +49,27 @@ def test_librispeech_chain_dry_run(tmp_path):
     assert "array mfcc (100 tasks) after manifests" in lines[1]
     assert "--nshard 1 " in lines[5] and "valid" in lines[5]
     assert "after labels-hubert500-valid" in lines[-1] and "mt4ssl_base.yaml" in lines[-1]
+
+
+@pytest.mark.parametrize("split,updates,lr,channel_prob,layerdrop,freeze", [
+    ("10m", 13000, 5e-5, 0.25, 0.1, 10000),
+    ("1h", 13000, 5e-5, 0.25, 0.1, 10000),
+    ("10h", 20000, 5e-5, 0.5, 0.05, 0),  # the official MT4SSL 10 h config
+    ("100h", 80000, 3e-5, 0.5, 0.1, 0),
+])
+def test_finetune_recipe_configs(split, updates, lr, channel_prob, layerdrop, freeze):
+    from mt4ssl.finetune.config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "librispeech" / f"finetune_{split}.yaml")
+    assert (cfg.run.max_updates, cfg.optim.lr, cfg.model.mask_channel_prob, cfg.model.layerdrop,
+            cfg.model.freeze_finetune_updates) == (updates, lr, channel_prob, layerdrop, freeze)
+    assert cfg.data.train_split == {"100h": "train-clean-100"}.get(split, f"train-{split}")
+    assert cfg.data.valid_split == "dev-other" and cfg.data.max_tokens == 3_200_000
+    assert cfg.launch.nodes * cfg.launch.gpus_per_node * cfg.run.update_freq == 8  # 2 GPUs x update_freq 4
+    assert (cfg.optim.optimizer, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == ("adam", (0.9, 0.98), 1e-8, 0.0)
+    assert cfg.optim.phase_ratio == (0.1, 0.4, 0.5) and cfg.optim.final_lr_scale == 0.05
+    assert (cfg.model.mask_prob, cfg.model.mask_length, cfg.model.mask_channel_length) == (0.65, 10, 64)
+    assert cfg.model.activation_dropout == 0.1 and cfg.model.dropout == 0.0
+    assert cfg.run.out_dir.endswith(f"ft{split}")
+    tiny = load_config(FinetuneConfig, ROOT / "recipes/tiny/finetune.yaml")
+    assert tiny.run.init_from == "exp/tiny/pretrain/checkpoints/checkpoint_last.pt"

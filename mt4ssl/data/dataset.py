@@ -1,5 +1,6 @@
 """The pretraining dataset: waveforms of a manifest with their 50 Hz frame labels, and the
-batch collation.
+batch collation; `LetterDataset` / `collate_letters` are the CTC fine-tuning ones (whole
+utterances with their `.ltr` letter targets, zero-padded batches).
 
 `PretrainDataset` reads the manifest and every label set once, up front (a bad label file
 fails at start, naming its file and line), skips utterances shorter than `min_samples` and
@@ -24,6 +25,7 @@ and no per-utterance Python objects for forked DataLoader workers to copy on wri
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -153,3 +155,91 @@ def collate(items: Sequence[dict], mode: str = "crop") -> dict:
             labels[name][b, :len(lab)] = lab
     return {"ids": ids, "wav": wav, "padding_mask": padding_mask if min(lengths) < s else None,
             "labels": labels, "samples": sum(lengths)}
+
+
+class LetterDataset(Dataset):
+    """Utterances of a `{split}.tsv` manifest with their `{split}.ltr` letter transcripts
+    (fairseq's convention: space-separated letters, `|` after every word), for CTC.
+
+    Every line is read and encoded with `dictionary` (an `mt4ssl.finetune.ctc.Dictionary`)
+    here: an empty line or a line count that differs from the manifest is an error naming the
+    file and line, and so is a symbol the dictionary lacks, unless `drop_unknown` (validation
+    sets: such symbols are left out of the CTC targets, with a warning, and stay in
+    `letters(i)`, the reference). Utterances shorter than max(min_samples, 400) samples
+    (one CNN frame) are skipped; none is cropped (the transcript covers the whole of it).
+    `dataset[i]` is {"id": i, "wav": (n,) float32, "target": (L,) int64}; `letters(i)` is
+    its transcript's tokens.
+    """
+
+    def __init__(self, manifest_path: str | Path, ltr_path: str | Path, dictionary, min_samples: int = 0,
+                 drop_unknown: bool = False):
+        self.manifest = read_manifest(manifest_path)
+        ltr_path = Path(ltr_path)
+        if not ltr_path.is_file():
+            raise InputError(f"{ltr_path}: letter transcripts not found (the .ltr beside {self.manifest.path.name}; "
+                             f"`mt4ssl manifest` writes them)")
+        lines = ltr_path.read_text(encoding="utf-8").splitlines()
+        if len(lines) != len(self.manifest):
+            raise InputError(f"{ltr_path}: {len(lines)} lines, but {self.manifest.path} has "
+                             f"{len(self.manifest)} utterances")
+        self._tokens: list[tuple[str, ...]] = []
+        targets, unknown = [], Counter()
+        for lineno, line in enumerate(lines, start=1):
+            tokens = tuple(line.split())
+            if not tokens:
+                raise InputError(f"{ltr_path}:{lineno}: empty transcript")
+            if drop_unknown:
+                unknown.update(t for t in tokens if t not in dictionary or t == dictionary.symbols[0])
+                tokens = tuple(t for t in tokens if t in dictionary and t != dictionary.symbols[0]) or tokens
+            try:
+                targets.append(np.asarray(dictionary.encode(tokens), dtype=np.int16))
+            except KeyError as e:
+                raise InputError(f"{ltr_path}:{lineno}: {e.args[0]} (it has {' '.join(dictionary.symbols[1:])}); "
+                                 f"give data.dictionary a dict.ltr.txt with every symbol of every split "
+                                 f"(`mt4ssl manifest-limited` writes one)") from None
+            self._tokens.append(tuple(line.split()))
+        if unknown:
+            log.warning("%s: %d token(s) not in the dictionary (%s) are left out of the CTC targets "
+                        "(they count as errors in the WER)", ltr_path, sum(unknown.values()), " ".join(sorted(unknown)))
+        full = np.asarray(self.manifest.sizes, dtype=np.int64)
+        self.indices = np.flatnonzero(full >= max(min_samples, 400))
+        skipped = len(full) - len(self.indices)
+        if skipped:
+            log.info("%s: skipped %d of %d utterances shorter than %d samples", self.manifest.path, skipped,
+                     len(full), max(min_samples, 400))
+        if len(self.indices) == 0:
+            raise InputError(f"{self.manifest.path}: every utterance is shorter than {max(min_samples, 400)} samples")
+        self.sizes = full[self.indices]
+        self._targets = [targets[j] for j in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def where(self, i: int) -> str:
+        return self.manifest.where(int(self.indices[i]))
+
+    def letters(self, i: int) -> tuple[str, ...]:
+        return self._tokens[int(self.indices[i])]
+
+    def __getitem__(self, i: int) -> dict:
+        wav = self.manifest.read(int(self.indices[i]))
+        return {"id": i, "wav": torch.from_numpy(wav), "target": torch.from_numpy(self._targets[i].astype(np.int64))}
+
+
+def collate_letters(items: Sequence[dict]) -> dict:
+    """Zero-padded waveforms and concatenated CTC targets: {"ids", "wav" (B, S),
+    "padding_mask" (B, S) or None when all lengths are equal, "targets" (sum L,),
+    "target_lengths" (B,), "samples"}."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(item["wav"]) for item in items]
+    wav = torch.zeros(len(items), max(lengths), dtype=items[0]["wav"].dtype)
+    padding_mask = torch.ones(len(items), max(lengths), dtype=torch.bool)
+    for b, item in enumerate(items):
+        wav[b, :lengths[b]] = item["wav"]
+        padding_mask[b, :lengths[b]] = False
+    return {"ids": torch.tensor([item["id"] for item in items], dtype=torch.long), "wav": wav,
+            "padding_mask": padding_mask if min(lengths) < max(lengths) else None,
+            "targets": torch.cat([item["target"] for item in items]),
+            "target_lengths": torch.tensor([len(item["target"]) for item in items], dtype=torch.long),
+            "samples": sum(lengths)}

@@ -94,31 +94,40 @@ def letters(words: str) -> str:
 def write_split(split_dir: Path, out_dir: Path, name: str, ext: str = "flac",
                 skip_bad: bool = False) -> tuple[int, int]:
     """Write `name.tsv/.wrd/.ltr` for one split folder; return (kept, skipped)."""
-    if not split_dir.is_dir():
-        raise InputError(f"{split_dir}: split folder not found")
-    audio = sorted(split_dir.rglob(f"*.{ext}"))
-    if not audio:
-        raise InputError(f"{split_dir}: no .{ext} files")
-    texts = read_transcripts(split_dir)
+    return write_folders(split_dir, ["."], out_dir, name, ext, skip_bad)
+
+
+def write_folders(root: Path, folders: list[str], out_dir: Path, name: str, ext: str = "flac",
+                  skip_bad: bool = False) -> tuple[int, int]:
+    """Write `name.tsv/.wrd/.ltr` for the utterances of several LibriSpeech-layout folders
+    under `root` (paths in the .tsv relative to it); return (kept, skipped)."""
     rows, skipped = [], 0
-    for path in tqdm(audio, desc=f"manifest {name}", unit="file", leave=False):
-        try:
-            n = audio_info(path)
-            if path.stem not in texts:
-                raise InputError(f"{path}: no transcript line for {path.stem} in its *.trans.txt")
-        except InputError as e:
-            if not skip_bad:
-                raise
-            log.warning("skipped: %s", e)
-            skipped += 1
-            continue
-        rows.append((path.relative_to(split_dir).as_posix(), n, texts[path.stem]))
+    for folder in folders:
+        split_dir = root / folder
+        if not split_dir.is_dir():
+            raise InputError(f"{split_dir}: split folder not found")
+        audio = sorted(split_dir.rglob(f"*.{ext}"))
+        if not audio:
+            raise InputError(f"{split_dir}: no .{ext} files")
+        texts = read_transcripts(split_dir)
+        for path in tqdm(audio, desc=f"manifest {name}", unit="file", leave=False):
+            try:
+                n = audio_info(path)
+                if path.stem not in texts:
+                    raise InputError(f"{path}: no transcript line for {path.stem} in its *.trans.txt")
+            except InputError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipped: %s", e)
+                skipped += 1
+                continue
+            rows.append((path.relative_to(root).as_posix(), n, texts[path.stem]))
     if not rows:
-        raise InputError(f"{split_dir}: every file was skipped as bad")
+        raise InputError(f"{root}: every file was skipped as bad")
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / f"{name}.tsv") as tsv, atomic_open(out_dir / f"{name}.wrd") as wrd, \
             atomic_open(out_dir / f"{name}.ltr") as ltr:
-        tsv.write(f"{split_dir.resolve()}\n")
+        tsv.write(f"{root.resolve()}\n")
         for rel, n, text in rows:
             tsv.write(f"{rel}\t{n}\n")
             wrd.write(text + "\n")

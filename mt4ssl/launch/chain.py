@@ -28,6 +28,9 @@ from mt4ssl.launch.submit import PreemptibleJob, requeuing
 log = logging.getLogger(__name__)
 
 
+TRAINING = ("pretrain", "finetune")  # commands that run DDP over the executor's nodes and tasks
+
+
 class StageError(RuntimeError):
     """A stage's command failed (nonzero exit) or its job did not complete."""
 
@@ -35,8 +38,8 @@ class StageError(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     """One `mt4ssl` command. With shards > 0 it runs as `shards` jobs (a SLURM array), `{shard}`
-    in argv replaced by the index. A job is one task on one node, except for `pretrain`, which
-    takes the executor's nodes and tasks (DDP). `params` are executor parameters for this stage
+    in argv replaced by the index. A job is one task on one node, except for `pretrain` and
+    `finetune`, which take the executor's nodes and tasks (DDP). `params` are executor parameters for this stage
     only, in submitit AutoExecutor names (timeout_min, gpus_per_node, slurm_partition, ...);
     gpus_per_node=0 requests no GPU."""
 
@@ -142,7 +145,7 @@ def submit_chain(stages: Sequence[Stage], executor, dry_run: bool = False) -> li
         for stage in stages:
             inner.parameters.clear()
             inner.parameters.update(saved)
-            if stage.argv[0] != "pretrain":  # data commands are one process: one task, one node
+            if stage.argv[0] not in TRAINING:  # data commands are one process: one task, one node
                 executor.update_parameters(**executor._convert_parameters({"nodes": 1, "tasks_per_node": 1}))
             if stage.params:
                 executor.update_parameters(**stage.params)
