@@ -149,6 +149,57 @@ def test_interrupted_finetuning_resumes_exactly(data, tiny_ckpt, tmp_path, monke
     torch.testing.assert_close(wa["ctc"]["head"], wb["ctc"]["head"], rtol=0, atol=0)
 
 
+def fixed_items(t: loop.Trainer) -> list[dict]:
+    """Four training items cut to one length (no padding: DDP and one process see the same)."""
+    return [{"id": i, "wav": t.dataset[i]["wav"][:32000], "target": t.dataset[i]["target"]} for i in range(4)]
+
+
+DETERMINISTIC = ("model.mask_prob=0.0", "model.mask_channel_prob=0.0", "model.activation_dropout=0.0",
+                 "model.freeze_finetune_updates=1")
+
+
+def _ddp_worker(rank: int, data: str, ckpt: str, out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = distributed.setup("cpu")
+    t = loop.Trainer(make_cfg(Path(data), Path(ckpt), Path(out) / "ddp", *DETERMINISTIC), d,
+                     ft.CTCFinetuning(make_cfg(Path(data), Path(ckpt), Path(out) / "ddp", *DETERMINISTIC)))
+    batch = t.task.collate(fixed_items(t)[2 * rank:2 * rank + 2])
+    grads = []
+    for _ in range(2):  # update 0: the encoder is frozen; update 1: it trains
+        stats = t.accumulate([batch])
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        t.step(stats)
+    torch.save({"grads": grads, "params": t.model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    distributed.teardown(d)
+
+
+def test_ddp_two_gloo_workers_equal_one_process(data, tiny_ckpt, tmp_path):
+    import torch.multiprocessing as mp
+
+    port = 29500 + (os.getpid() + 7) % 1000
+    mp.spawn(_ddp_worker, args=(str(data), str(tiny_ckpt), str(tmp_path), port), nprocs=2, join=True)
+    single = trainer(make_cfg(data, tiny_ckpt, tmp_path / "single", *DETERMINISTIC))
+    batch = single.task.collate(fixed_items(single))
+    want = []
+    for _ in range(2):
+        stats = single.accumulate([batch])
+        want.append({n: p.grad.clone() for n, p in single.model.named_parameters() if p.grad is not None})
+        single.step(stats)
+    assert set(want[0]) == {"proj.weight", "proj.bias"} and len(want[1]) > 10
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for update in range(2):
+        for rank in range(2):
+            assert got[rank]["grads"][update].keys() == want[update].keys()
+            for name, g in want[update].items():
+                torch.testing.assert_close(got[rank]["grads"][update][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(got[0]["params"][name], got[1]["params"][name], rtol=0, atol=0, msg=name)
+        if not name.endswith("k_proj.bias"):  # its gradient is 0 up to rounding (softmax ignores it): Adam's step is noise
+            torch.testing.assert_close(got[0]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------------------- what trains
 
 
