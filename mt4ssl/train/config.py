@@ -4,8 +4,10 @@ Sections (all keys optional except data.manifest_dir and run.out_dir):
   model   a preset name plus field overrides of `ModelConfig` (mt4ssl/models/mt4ssl.py)
   data    manifests, label sets, batching
   optim   optimizer and learning-rate schedule
-  run     updates, precision, devices, logging, validation, checkpoints
+  run     updates, precision, devices, logging, validation, checkpoints, init_from
   launch  where it runs: local (this process / torchrun) or SLURM through submitit
+`OptimConfig`, `RunConfig`, `LaunchConfig` and `check_training` are shared with the
+fine-tuning config (mt4ssl/finetune/config.py); `PretrainRunConfig` adds the collapse guard.
 """
 
 from __future__ import annotations
