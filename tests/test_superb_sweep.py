@@ -70,7 +70,7 @@ def test_command_round_trips_through_the_cli_parser(tmp_path):
 
     options = {"ckpt": tmp_path / "c.pt", "upstream": "mt4ssl_local", "random_init": True, "steps": 50,
                "eval_step": None, "batch_size": 4, "device": "cpu", "num_workers": 0, "seed": 7,
-               "precision": "auto"}
+               "precision": "auto", "cache_gb": 0.5}
     argv = sweep.command("ks", tmp_path / "d", tmp_path / "o", [1e-3, 1e-4], options)
     args = build_parser("superb").parse_args(argv)
     assert args.lr == [1e-3, 1e-4] and args.random_init and args.steps == 50 and args.seed == 7
@@ -89,7 +89,7 @@ def test_slurm_submission_checks_before_queueing(tmp_path, tiny_ckpt, capsys):
                                 cpus_per_task=4, mem_gb=0, timeout_min=60, max_requeues=3)
     options = {"ckpt": tiny_ckpt, "upstream": "mt4ssl_local", "random_init": False, "steps": 3,
                "eval_step": None, "batch_size": None, "device": "cpu", "num_workers": 0, "seed": 1,
-               "precision": "fp32"}
+               "precision": "fp32", "cache_gb": 0.0}
     with pytest.raises(InputError, match="--device cpu"):
         sweep.submit("pr", data, tmp_path / "s", [1e-2], options, launch, dry_run=True)
     with pytest.raises(InputError, match="no lexicon.txt"):
@@ -115,7 +115,8 @@ def test_one_job_per_learning_rate(tmp_path, tiny_ckpt):
     launch = argparse.Namespace(profile="", partition="", account="", qos="", constraint="", gpus_per_node=0,
                                 cpus_per_task=1, mem_gb=0, timeout_min=10, max_requeues=0)
     options = {"ckpt": tiny_ckpt, "upstream": "mt4ssl_local", "random_init": False, "steps": 2,
-               "eval_step": 2, "batch_size": 2, "device": "cpu", "num_workers": 0, "seed": 1, "precision": "fp32"}
+               "eval_step": 2, "batch_size": 2, "device": "cpu", "num_workers": 0, "seed": 1, "precision": "fp32",
+               "cache_gb": 1.0}
     out = tmp_path / "sweep"
     jobs = sweep.submit("pr", data, out, [1e-2, 1e-3], options, launch, cluster="local")
     assert len(jobs) == 2

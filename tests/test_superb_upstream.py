@@ -357,3 +357,43 @@ def test_url_is_downloaded_by_s3prl_and_cached(http_root, ckpt, registered, tmp_
     with pytest.raises(InputError, match=r"junk\.pt: not an mt4ssl checkpoint"):
         mt4ssl_url(f"{base}/junk.pt")
     assert config_to_dict(load_model(cached[0]).cfg) == config_to_dict(load_model(ckpt).cfg)
+
+
+def test_cache_of_a_frozen_upstream(ckpt):
+    """cache_gb: the same states as without it, the upstream skipped for utterances seen before
+    (by their samples), least recently used dropped past the limit, and never used while the
+    upstream trains or under autograd."""
+    plain, cached = mt4ssl_local(str(ckpt)), mt4ssl_local(str(ckpt), cache_gb=1.0)
+    wavs = waves(seed=4)
+    with torch.no_grad():
+        ref = plain(wavs)["hidden_states"]
+        first = cached(wavs)["hidden_states"]
+        assert (cached.cache_hits, cached.cache_misses) == (0, len(wavs))
+        again = cached(list(reversed(wavs)))["hidden_states"]  # another batch order: from the cache
+        assert (cached.cache_hits, cached.cache_misses) == (len(wavs), len(wavs))
+        changed = [wavs[0].clone()]
+        changed[0][100] += 0.01  # other samples: computed
+        cached(changed)
+        assert cached.cache_misses == len(wavs) + 1
+    for a, b in zip(ref, first):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(LENGTHS):  # reversed order: utterance i is row len - 1 - i
+        t = num_frames(n)
+        for layer in range(len(ref)):
+            assert torch.equal(again[layer][len(wavs) - 1 - i, :t], first[layer][i, :t])
+
+    one = sum(h[0, :num_frames(LENGTHS[0])].numel() * 4 for h in ref)  # bytes of utterance 0's states
+    small = mt4ssl_local(str(ckpt), cache_gb=1.5 * one / 2**30)  # room for one utterance like it
+    with torch.no_grad():
+        small([wavs[0]]); small([wavs[0]])
+        assert (small.cache_hits, small.cache_misses) == (1, 1)
+        small([wavs[1]]); small([wavs[0]])  # wavs[1] pushed wavs[0] out
+        assert small.cache_misses == 3 and len(small._cache) == 1
+    small.train()
+    with torch.no_grad():
+        small([wavs[1]])
+    small.eval()
+    small([wavs[1]])  # autograd on
+    assert small.cache_misses == 3 and small.cache_hits == 1  # neither looked at the cache
+    with pytest.raises(InputError, match="cache_gb -1"):
+        mt4ssl_local(str(ckpt), cache_gb=-1)

@@ -75,6 +75,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="autocast of the mt4ssl upstream's forward (fp32; auto = bf16 where the "
                         "device has native bf16); s3prl's downstream stays fp32")
+    parser.add_argument("--cache-gb", type=float, default=0.0,
+                        help="keep the frozen upstream's states of up to this many GB of utterances in "
+                        "memory, so later epochs skip it (0: off; mt4ssl.superb.upstream)")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
     parser.add_argument("--seed", type=int, default=1337, help="s3prl's seed; also --random-init's (1337)")
 
@@ -83,7 +86,8 @@ def superb(task_name: str, data: Path, out: Path, ckpt: Path | None = None,
            upstream: str = "mt4ssl_local", random_init: bool = False, lr: float | None = None,
            steps: int | None = None, eval_step: int | None = None,
            batch_size: int | None = None, device: str = "cpu",
-           num_workers: int = 0, seed: int = 1337, precision: str = "fp32") -> dict:
+           num_workers: int = 0, seed: int = 1337, precision: str = "fp32",
+           cache_gb: float = 0.0) -> dict:
     """Run one task (see the module docstring); return the result dict."""
     task = get_task(task_name)
     data, out = Path(data).resolve(), Path(out).resolve()
@@ -96,8 +100,10 @@ def superb(task_name: str, data: Path, out: Path, ckpt: Path | None = None,
         raise InputError(f"--num-workers must be >= 0, got {num_workers}")
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if upstream == "fbank" and precision != "fp32":
-        raise InputError(f"--precision {precision}: applies to mt4ssl checkpoints; s3prl's fbank runs in fp32")
+    if upstream == "fbank" and (precision != "fp32" or cache_gb):
+        raise InputError("--precision / --cache-gb apply to mt4ssl checkpoints; s3prl's fbank runs as it is")
+    if not 0 <= cache_gb < float("inf"):
+        raise InputError(f"--cache-gb must be >= 0, got {cache_gb}")
     model = _check_upstream(upstream, ckpt, random_init)
     source = None if ckpt is None else str(Path(ckpt).resolve())
     settings = {"task": task.name, "upstream": upstream, "ckpt": source, "random_init": random_init,
@@ -124,8 +130,9 @@ def superb(task_name: str, data: Path, out: Path, ckpt: Path | None = None,
         config = task_config(task, data, out, steps, eval_step, lr, num_workers, batch_size)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         up = ["-u", upstream] + (["-k", str(Path(ckpt).resolve())] if upstream == "mt4ssl_local" else [])
-        if precision != "fp32":  # s3prl's -g: the upstream's options (mt4ssl.superb.upstream)
-            atomic_write_text(out / "upstream.yaml", yaml.safe_dump({"precision": precision}))
+        options = {k: v for k, v in (("precision", precision), ("cache_gb", cache_gb)) if v not in ("fp32", 0)}
+        if options:  # s3prl's -g: the upstream's options (mt4ssl.superb.upstream)
+            atomic_write_text(out / "upstream.yaml", yaml.safe_dump(options))
             up += ["-g", str(out / "upstream.yaml")]
         _s3prl(["-m", "train", *common, *up, "-c", str(out / "config.yaml"), "-p", str(out)],
                out / "train.log")

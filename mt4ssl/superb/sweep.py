@@ -62,7 +62,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 OPTIONS = ("ckpt", "upstream", "random_init", "steps", "eval_step", "batch_size", "device",
-           "num_workers", "seed", "precision")
+           "num_workers", "seed", "precision", "cache_gb")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def command(task_name: str, data: Path, out: Path, lrs: list[float | None], opti
         argv += ["--ckpt", str(Path(options["ckpt"]).resolve())]
     if options.get("random_init"):
         argv.append("--random-init")
-    for key in ("steps", "eval_step", "batch_size", "device", "num_workers", "seed", "precision"):
+    for key in ("steps", "eval_step", "batch_size", "device", "num_workers", "seed", "precision", "cache_gb"):
         if options.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(options[key])]
     if any(lr is not None for lr in lrs):
@@ -199,6 +199,9 @@ def submit(task_name: str, data: Path, out: Path, lrs: list[float | None], optio
     if launch.gpus_per_node > 1:
         raise InputError(f"--gpus-per-node {launch.gpus_per_node}: a SUPERB run here uses one device; "
                          f"the learning rates run as parallel jobs instead")
+    if launch.gpus_per_node == 0 and options["device"] != "cpu":
+        raise InputError(f"--device {options['device']} with --gpus-per-node 0: the jobs would get no GPU; "
+                         f"give --gpus-per-node 1")
     if launch.gpus_per_node == 1 and options["device"] == "cpu":
         raise InputError("--gpus-per-node 1 with --device cpu: the jobs would hold GPUs they do not use; "
                          "give --device cuda")

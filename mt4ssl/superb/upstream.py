@@ -35,7 +35,13 @@ a plain dict, a text file) raises `InputError` naming the path and what is wrong
 (`s3prl.util.download`, under ~/.cache/s3prl/download; `refresh=True` downloads again).
 The checkpoint carries its model config; s3prl's `model_config` (`-g FILE`) is a YAML of
 upstream options instead: `precision: fp32 | bf16 | fp16 | auto` (autocast of the forward;
-auto = bf16 where the device has native bf16; the states are returned as float32).
+auto = bf16 where the device has native bf16; the states are returned as float32), and
+`cache_gb: G` (off by default): a frozen upstream (eval mode, no gradient, as s3prl runs it
+unless `-f`) keeps each utterance's states in memory, least recently used dropped past G GB,
+keyed by a hash of its samples, so epochs after the first skip the upstream for utterances
+that come back unchanged (PR, ASR, SID, IC and KS's word clips; KS's random noise crops and
+any data augmentation are new samples each time). The states are those of the utterance
+alone in any case, so caching changes no number, only the time.
 
 Only the student encoder is kept: the pretraining heads and the EMA teacher are dropped after
 loading; no masking; layerdrop is off so every forward gives num_layers + 1 states. Dropout
@@ -85,7 +91,9 @@ measured here: no GPU).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -114,11 +122,16 @@ MIN_SAMPLES = 400  # the CNN's receptive field: one frame
 class UpstreamExpert(UpstreamBase):
     """An mt4ssl checkpoint as an s3prl upstream (see the module docstring)."""
 
-    def __init__(self, ckpt: str, precision: str = "fp32", **kwargs):
+    def __init__(self, ckpt: str, precision: str = "fp32", cache_gb: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
             raise InputError(f"mt4ssl upstream: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if not isinstance(cache_gb, (int, float)) or not 0 <= cache_gb < float("inf"):
+            raise InputError(f"mt4ssl upstream: cache_gb {cache_gb!r}: expected a number >= 0")
         self.precision = precision
+        self.cache_bytes = int(cache_gb * 2**30)
+        self._cache: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()  # LRU: samples' hash -> states
+        self._cache_used = self.cache_hits = self.cache_misses = 0
         try:
             model = load_model(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # format-marked but broken
@@ -158,9 +171,10 @@ class UpstreamExpert(UpstreamBase):
             out = {k: ([h.float() for h in v] if isinstance(v, list) else v.float()) for k, v in out.items()}
         return out
 
-    def _forward(self, wavs: list[torch.Tensor]) -> dict:
+    def _states(self, wavs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each utterance's states alone: num_layers + 1 tensors (T_i, D)."""
         conv = self.model.cfg.conv_layers
-        per_utt: list[list[torch.Tensor] | None] = [None] * len(wavs)  # utterance -> states (T_i, D)
+        per_utt: list[list[torch.Tensor] | None] = [None] * len(wavs)
         if self.exact_batches and (self.pad_on_cpu or wavs[0].device.type != "cpu"):  # one padded batch
             lengths = torch.tensor([w.numel() for w in wavs], device=wavs[0].device)
             batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
@@ -176,7 +190,36 @@ class UpstreamExpert(UpstreamBase):
                 states, _ = self.model.extract_features(torch.stack([wavs[i] for i in idx]))
                 for row, i in enumerate(idx):
                     per_utt[i] = [h[row] for h in states]
+        return per_utt
 
+    def _cached_states(self, wavs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """`_states`, through the cache when it is on and the upstream is frozen (eval mode, no
+        gradient: then an utterance's states depend on its samples only)."""
+        if self.cache_bytes <= 0 or self.training or torch.is_grad_enabled():
+            return self._states(wavs)
+        keys = [(w.numel(), str(w.dtype), hashlib.blake2b(w.detach().cpu().numpy().tobytes(),
+                                                          digest_size=16).hexdigest()) for w in wavs]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            for i, states in zip(missing, self._states([wavs[i] for i in missing])):
+                states = [h.clone() for h in states]  # not views of a batch
+                size = sum(h.numel() * h.element_size() for h in states)
+                while self._cache and self._cache_used + size > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)  # least recently used
+                    self._cache_used -= sum(h.numel() * h.element_size() for h in old)
+                if size <= self.cache_bytes:
+                    self._cache[keys[i]], self._cache_used = states, self._cache_used + size
+                else:
+                    return self._states(wavs)
+        self.cache_hits += len(wavs) - len(missing)
+        self.cache_misses += len(missing)
+        for k in keys:
+            self._cache.move_to_end(k)
+        return [self._cache[k] for k in keys]
+
+    def _forward(self, wavs: list[torch.Tensor]) -> dict:
+        conv = self.model.cfg.conv_layers
+        per_utt = self._cached_states(wavs)
         T = num_frames(max(w.numel() for w in wavs), conv)
 
         def padded(h: torch.Tensor) -> torch.Tensor:  # (T_i, D) -> (T, D), last frame repeated
@@ -204,7 +247,9 @@ def _local_path(name: str, ckpt, refresh: bool) -> str:
 
 
 UPSTREAM_OPTIONS = {"precision": "autocast precision of the forward: fp32 (default), bf16, fp16, or "
-                                 "auto (bf16 where the device has native bf16, else fp32)"}
+                                 "auto (bf16 where the device has native bf16, else fp32)",
+                    "cache_gb": "keep the states of up to this many GB of utterances in memory, keyed by "
+                                "a hash of their samples, for a frozen upstream (0: off, the default)"}
 
 
 def read_options(model_config) -> dict:
