@@ -143,7 +143,9 @@ if step 8; then
 one learning rate each (no sweep), s3prl's SUPERB configs otherwise; the tiny model's states cached in memory \
 (\`--cache-gb\`: the same numbers, computed once). PR: the synthetic LibriSpeech-layout corpus of \
 stage 0; KS: \`mt4ssl synth-superb --task ks\` (Speech Commands v1 layout). Tiny model: $updates CPU updates of \
-pretraining; published rows are Base models pretrained on 960 h on GPUs, for scale only." \
+pretraining; published rows are Base models pretrained on 960 h on GPUs, for scale only. fbank's KS is at chance \
+by construction: s3prl's fbank is normalised per utterance (mean 0 per channel), so KS's mean pooling gives every \
+clip the same vector." \
     --run "tiny MT4SSL, $updates updates=$sb/mt4ssl_$P" --run "tiny MT4SSL, $updates updates=$sb/mt4ssl_$K" \
     --run "tiny model, random init=$sb/random_$P" --run "tiny model, random init=$sb/random_$K" \
     --run "fbank (s3prl)=$sb/fbank_$P" --run "fbank (s3prl)=$sb/fbank_$K"
