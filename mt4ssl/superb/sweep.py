@@ -174,7 +174,7 @@ def update_summary(out: Path, task_name: str, lrs: list[float | None], line: str
 
 def submit(task_name: str, data: Path, out: Path, lrs: list[float | None], options: dict,
            launch_args: argparse.Namespace, dry_run: bool = False, cluster: str | None = None) -> list:
-    """Submit one job per unfinished learning rate (`mt4ssl superb ... --lr LR --launch local`
+    """Submit one job per unfinished learning rate (`mt4ssl superb ... --lr LR`, run locally
     through `mt4ssl.launch.chain.CliJob`: requeued on preemption, resuming). Everything the
     runs will check is checked here first, so a bad input fails now and not in the queue."""
     from mt4ssl.launch.chain import CliJob, command_line as job_line
