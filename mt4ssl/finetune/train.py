@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -226,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
     except Preempted as e:
         print(f"mt4ssl finetune: {e}")
         return 3
+    except loop.TrainingStopped as e:  # skipped updates in a row, weights not finite: said what to do
+        print(f"mt4ssl finetune: {e}", file=sys.stderr)
+        return 4
     if isinstance(result, dict):
         best = result.get("best_valid_wer")
         extra = f", best valid WER {best:.2f} % (checkpoint_best.pt)" if best is not None and best < float("inf") else ""

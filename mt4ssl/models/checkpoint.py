@@ -54,9 +54,34 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def nonfinite_weight(weights: dict) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding a NaN or an
+    infinity (nested dicts are searched too, as `outer.inner`), or None."""
+    for name, value in weights.items():
+        if isinstance(value, dict):
+            inner = nonfinite_weight(value)
+            if inner is not None:
+                return f"{name}.{inner}"
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def load_model(path: str | Path, map_location="cpu") -> MT4SSL:
-    """The model of a checkpoint, in eval mode."""
+    """The model of a checkpoint, in eval mode; weights that do not fit its config, or that
+    are not finite, are an InputError naming the file."""
     state = load_checkpoint(path, map_location)
+    if not isinstance(state.get("model_config"), dict) or not isinstance(state.get("model"), dict):
+        raise InputError(f"{path}: an mt4ssl checkpoint without 'model_config' and 'model'")
     model = MT4SSL(config_from_dict(ModelConfig, state["model_config"], f"{path}: model_config"))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        text = " ".join(str(e).split())
+        raise InputError(f"{path}: its weights do not fit its model_config (another model size or "
+                         f"target set?): {text[:300]}{' ...' if len(text) > 300 else ''}") from None
+    bad = nonfinite_weight(state["model"])
+    if bad is not None:
+        raise InputError(f"{path}: weight {bad} holds NaN or infinite values (a diverged run?); "
+                         f"use an earlier checkpoint")
     return model.to(map_location).eval()

@@ -35,6 +35,17 @@ class TeacherConfig:
     ema_anneal_updates: int = 30000  # ... over this many updates, then constant
     loss_scale: float | None = None  # None: 1 / sqrt(dim)
 
+    def __post_init__(self):
+        for key in ("ema_decay", "ema_end_decay"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"teacher.{key} {getattr(self, key)} must be in [0, 1]")
+        if self.ema_anneal_updates < 0 or self.top_k < 1:
+            raise ValueError(f"teacher.ema_anneal_updates {self.ema_anneal_updates} must be >= 0 and "
+                             f"teacher.top_k {self.top_k} >= 1")
+        if not self.weight >= 0 or (self.loss_scale is not None and not self.loss_scale > 0):
+            raise ValueError(f"teacher.weight {self.weight} must be >= 0 and teacher.loss_scale "
+                             f"{self.loss_scale} positive (or null: 1/sqrt(dim))")
+
 
 def ema_decay(num_updates: int, start: float, end: float, anneal_updates: int) -> float:
     """Linear anneal from `start` (update 0) to `end` (update `anneal_updates` and later)."""
@@ -65,7 +76,7 @@ def mean_std(y: torch.Tensor) -> torch.Tensor:
     collapse statistic. Computed on this worker's frames only (no collective in the forward,
     so a rank-0-only validation cannot hang); the trainer may average it across workers."""
     y = y.detach().float().reshape(-1, y.shape[-1])
-    if y.shape[0] < 2:  # undefined; NaN never trips the collapse guard
+    if y.shape[0] < 2:  # undefined: NaN (the collapse guard counts NaN as a collapse)
         return y.new_full((), float("nan"))
     return torch.sqrt(y.var(dim=0) + 1e-6).mean()
 
@@ -139,8 +150,10 @@ class CollapseGuard:
     """data2vec's guard: after `after_updates` updates, the std of the teacher targets must
     stay >= `min_target_std` and that of the predictions >= `min_pred_std`.
 
-    The trainer calls `check(logs, num_updates)` every update and, when it raises, saves a
-    checkpoint and re-raises. Logs without the keys (no teacher target) always pass.
+    The trainer calls `check(logs, num_updates)` after every update with a finite loss and,
+    when it raises, saves a checkpoint and re-raises. A NaN statistic is a collapse too (it
+    fails every comparison, so `std < floor` alone would let it pass). Logs without the keys
+    (no teacher target) always pass.
     """
 
     min_target_std: float = 0.1
@@ -155,9 +168,11 @@ class CollapseGuard:
             ("pred_std", self.min_pred_std, "regression predictions"),
         )
         for key, floor, what in checks:
-            if key in logs and float(logs[key]) < floor:
+            value = float(logs[key]) if key in logs else floor
+            if not value >= floor:  # NaN: a collapse too
+                how = ("is NaN (the " + what + " are not finite, or a batch had fewer than 2 masked frames)"
+                       if math.isnan(value) else f"< {floor} (the {what} became nearly constant)")
                 raise TrainingCollapsed(
-                    f"training collapsed at update {num_updates}: {key} = {float(logs[key]):.4g} "
-                    f"< {floor} (the {what} became nearly constant). Lower the learning rate, "
-                    "lengthen the warm-up or restart from an earlier checkpoint."
+                    f"training collapsed at update {num_updates}: {key} = {value:.4g} {how}. Lower the "
+                    "learning rate, lengthen the warm-up or restart from an earlier checkpoint."
                 )

@@ -69,6 +69,9 @@ class RunConfig:
     # a new run starts from this checkpoint's weights (pretraining, fine-tuned or converted
     # fairseq), with a fresh optimizer and schedule; a run with a checkpoint_last resumes instead
     init_from: str = ""
+    # updates in a row skipped for a non-finite loss or gradient norm (or an fp16 overflow)
+    # before the run stops (checkpoint_last then holds the last finite update)
+    max_skipped_in_a_row: int = 50
 
 
 @dataclass(frozen=True)
@@ -106,17 +109,35 @@ def check_training(cfg) -> None:
     for (key, value), allowed in choices.items():
         if value not in allowed:
             raise InputError(f"{key}: {value!r} is not one of {allowed}")
+    launch = cfg.launch
     for key, value in (("run.max_updates", run.max_updates), ("run.update_freq", run.update_freq),
                        ("data.max_tokens", cfg.data.max_tokens), ("run.log_interval", run.log_interval),
-                       ("run.save_interval", run.save_interval)):
+                       ("run.save_interval", run.save_interval), ("run.keep_last", run.keep_last),
+                       ("run.max_skipped_in_a_row", run.max_skipped_in_a_row), ("launch.nodes", launch.nodes),
+                       ("launch.cpus_per_task", launch.cpus_per_task), ("launch.timeout_min", launch.timeout_min)):
         if value < 1:
             raise InputError(f"{key}: {value} must be at least 1")
+    for key, value in (("run.seed", run.seed), ("run.threads", run.threads),
+                       ("data.num_workers", cfg.data.num_workers), ("data.min_samples", cfg.data.min_samples),
+                       ("launch.gpus_per_node", launch.gpus_per_node), ("launch.mem_gb", launch.mem_gb),
+                       ("launch.max_requeues", launch.max_requeues), ("optim.weight_decay", optim.weight_decay),
+                       ("optim.clip_norm", optim.clip_norm)):
+        if value < 0:
+            raise InputError(f"{key}: {value} must be at least 0")
     if run.valid_interval < 0:
         raise InputError(f"run.valid_interval: {run.valid_interval} must be at least 0 (0: no validation)")
     if abs(sum(optim.phase_ratio) - 1) > 1e-6 or min(optim.phase_ratio) < 0:
         raise InputError(f"optim.phase_ratio {optim.phase_ratio} must be non-negative and sum to 1")
     if optim.lr <= 0:
         raise InputError(f"optim.lr: {optim.lr} must be positive")
+    if optim.eps <= 0:
+        raise InputError(f"optim.eps: {optim.eps} must be positive")
+    if not all(0 <= b < 1 for b in optim.betas):
+        raise InputError(f"optim.betas: {list(optim.betas)} must both be in [0, 1)")
+    if not 0 <= optim.warmup_ratio <= 1:
+        raise InputError(f"optim.warmup_ratio: {optim.warmup_ratio} must be in [0, 1]")
+    if not 0 <= optim.final_lr_scale <= 1:
+        raise InputError(f"optim.final_lr_scale: {optim.final_lr_scale} must be in [0, 1]")
     if optim.schedule == "tri_stage" and not 0 < optim.final_lr_scale <= 1:
         raise InputError(f"optim.final_lr_scale: {optim.final_lr_scale} must be in (0, 1] for the "
                          f"tri_stage schedule (it decays exponentially to it)")
@@ -134,6 +155,11 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_training(self)
+        run = self.run
+        for key, value in (("run.collapse_after", run.collapse_after), ("run.min_target_std", run.min_target_std),
+                           ("run.min_pred_std", run.min_pred_std)):
+            if value < 0:
+                raise InputError(f"{key}: {value} must be at least 0")
         if self.data.batch_mode not in ("crop", "pad"):
             raise InputError(f"data.batch_mode: {self.data.batch_mode!r} is not one of ('crop', 'pad')")
         self.model_config()  # fail early on a bad model section

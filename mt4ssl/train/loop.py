@@ -10,11 +10,21 @@ One update:
       backward (through the fp16 gradient scaler when precision=fp16)
   sample_size summed over micro-batches and workers (one all-reduce, with the logs)
   gradients *= world_size / sample_size      (DDP averaged them: now sum / sample_size)
-  [clip], optimizer step (skipped and counted when fp16 overflows), lr schedule step,
+  gradient norm; a non-finite loss or norm skips the update (counted: `nonfinite`; an fp16
+  overflow is the scaler's skip: `overflows`), else [clip], optimizer step, lr schedule step,
   task.after_update(model, n + 1), task.check(stats, n + 1) (on an error: save, re-raise).
 This is fairseq's normalisation (masked frames for pretraining, sentences for CTC with
 fairseq's sentence_avg): the result does not depend on how the global batch is split into
 micro-batches and workers.
+
+Non-finite values never reach the weights: a skipped update changes no weight, optimizer
+moment, schedule step or EMA teacher (its batches are consumed; every worker sees the same
+all-reduced loss and the same synchronised gradients, so all skip together). Each skip is a
+warning naming the update, and log rows carry the running counts `nonfinite` and `overflows`.
+After `run.max_skipped_in_a_row` skipped updates in a row the run saves checkpoint_last (the
+weights of the last finite update) and stops with `TrainingStopped`. A checkpoint is never
+written from weights that are not finite (`TrainingStopped` instead; the files already there
+stay as they are).
 
 Every update reseeds torch/numpy/python from (seed, rank, update): masks, dropout and
 layerdrop of update n are the same in an uninterrupted run and in a resumed one, on any
@@ -62,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 from mt4ssl.config import config_to_dict, save_config
 from mt4ssl.data.sampler import BucketBatchSampler
 from mt4ssl.errors import InputError
-from mt4ssl.models.checkpoint import load_checkpoint
+from mt4ssl.models.checkpoint import load_checkpoint, nonfinite_weight
 from mt4ssl.models.cnn import SAMPLE_RATE
 from mt4ssl.train import distributed
 from mt4ssl.train.checkpoint import CheckpointDir
@@ -77,6 +87,11 @@ _ACTIVE: "Trainer | None" = None  # the training running in this process, for on
 
 class Preempted(Exception):
     """The run stopped on a signal after saving checkpoint_last; rerun to resume."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite updates in a row, weights that are not finite); the
+    message says why and which checkpoint holds the last good state."""
 
 
 class Task(Protocol):
@@ -145,8 +160,11 @@ class Trainer:
         self.valid_set = task.valid_set if run.valid_interval else None
         self.valid_batches = self._valid_batches() if self.valid_set is not None else []
         self.ckpt = CheckpointDir(self.out / "checkpoints", run.keep_last)
-        last = self.ckpt.load_last(map_location=d.device)
+        last, self.resumed_from = self.ckpt.load_resume(map_location=d.device) or (None, None)
         init = load_checkpoint(run.init_from, d.device) if run.init_from and last is None else None
+        if init is not None and (bad := nonfinite_weight(init.get("model", {}))) is not None:
+            raise InputError(f"{run.init_from}: run.init_from: weight {bad} holds NaN or infinite values "
+                             f"(a diverged run?); start from an earlier checkpoint")
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.model = task.build_model(last or init).to(d.device)
         if init is not None:
@@ -177,6 +195,8 @@ class Trainer:
         if run.compile:
             self.net = torch.compile(self.net)
         self.num_updates, self.overflows = 0, 0
+        self.nonfinite = 0  # updates skipped for a non-finite loss or gradient norm, in all
+        self.skipped_in_a_row = 0  # updates skipped (non-finite or fp16 overflow) since the last applied one
         self.best_valid = math.inf  # the lowest task.best_metric so far (checkpoint_best.pt)
         self.sampler_state = self.sampler.state_dict()  # the position at the last update boundary
         self.saved_at = -1
@@ -196,13 +216,23 @@ class Trainer:
         return {**self.task.checkpoint_state(self.model),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "sampler": self.sampler_state,
-                "num_updates": self.num_updates, "overflows": self.overflows,
+                "num_updates": self.num_updates, "overflows": self.overflows, "nonfinite": self.nonfinite,
                 self.best_key: self.best_valid, "train_config": config_to_dict(self.cfg)}
+
+    def _check_finite(self) -> None:
+        """TrainingStopped when a weight is not finite: such a state is never written."""
+        bad = nonfinite_weight(self.model.state_dict())
+        if bad is not None:
+            good = self.resumed_from if self.saved_at < 0 else self.ckpt.last
+            raise TrainingStopped(f"not saving update {self.num_updates}: weight {bad} holds NaN or infinite "
+                                  f"values; the checkpoints in {self.ckpt.folder} are left as they were"
+                                  + (f" (the last good one: {good})" if good is not None and good.exists() else ""))
 
     def save(self, numbered: bool = False) -> Path | None:
         """Rank 0 writes the state of the last finished update."""
         if not self.d.main:
             return None
+        self._check_finite()
         path = self.ckpt.save(self.state(), self.num_updates, numbered)
         self.saved_at = self.num_updates
         log.info("saved %s (update %d)", path, self.num_updates)
@@ -211,26 +241,29 @@ class Trainer:
     def save_best(self, same_as: Path | None) -> None:
         """Rank 0 writes checkpoint_best.pt (a hard link to `same_as`, this update's file)."""
         if self.d.main:
+            self._check_finite()
             path = self.ckpt.save_best(self.state(), same_as)
             log.info("saved %s (update %d, %s %.4g)", path, self.num_updates, self.task.best_metric,
                      self.best_valid)
 
     def _resume(self, state: dict) -> None:
         mine = self.task.checkpoint_state(self.model)["model_config"]
+        where = self.resumed_from
         if state["model_config"] != mine:
             diff = sorted(k for k in mine if state["model_config"].get(k) != mine[k])
-            raise InputError(f"{self.ckpt.last}: made with another model config (differs in {diff}); "
+            raise InputError(f"{where}: made with another model config (differs in {diff}); "
                              f"use a new run.out_dir or the same model settings")
-        self.task.load_state(self.model, state, str(self.ckpt.last))
+        self.task.load_state(self.model, state, str(where))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.sampler_state = self.sampler.state_dict()
         self.num_updates, self.overflows = state["num_updates"], state["overflows"]
+        self.nonfinite = int(state.get("nonfinite", 0))
         self.best_valid = float(state.get(self.best_key, math.inf))
-        self.saved_at = self.num_updates
-        log.info("resumed from %s at update %d", self.ckpt.last, self.num_updates)
+        self.saved_at = self.num_updates if where == self.ckpt.last else -1  # a fallback: rewrite checkpoint_last
+        log.info("resumed from %s at update %d", where, self.num_updates)
 
     # ------------------------------------------------------------------ one update
 
@@ -287,18 +320,39 @@ class Trainer:
         return stats
 
     def step(self, stats: dict[str, float]) -> None:
-        """Clip, optimizer and schedule step (skipped on fp16 overflow), the task's after_update."""
-        clip = self.cfg.optim.clip_norm
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
-            self.overflows += 1  # fp16 overflow: the update was skipped
+        """Gradient norm, then clip, optimizer and schedule step and the task's after_update;
+        skipped (and counted) for a non-finite loss or gradient norm, and on fp16 overflow
+        (the scaler's own skip). Sets stats["grad_norm"] and stats["nonfinite"] (1 or 0)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                     ) if grads else 0.0
+        stats["grad_norm"] = norm
+        scaled = self.scaler.is_enabled()
+        # fp16: inf/NaN gradients of a finite loss are an overflow, the scaler skips the step
+        nonfinite = not math.isfinite(stats["loss"]) or (not math.isfinite(norm) and not scaled)
+        stats["nonfinite"] = float(nonfinite)
+        if nonfinite:
+            if scaled:
+                self.scaler.update()  # ends this update's unscale_ (and halves the scale after inf gradients)
+            self.nonfinite += 1
+            self.skipped_in_a_row += 1
+            log.warning("update %d skipped: non-finite loss %s / gradient norm %s (%d in a row, %d in all)",
+                        self.num_updates + 1, stats["loss"], norm, self.skipped_in_a_row, self.nonfinite)
         else:
-            self.scheduler.step()
-            self.num_updates += 1
-            self.task.after_update(self.model, self.num_updates)
+            clip = self.cfg.optim.clip_norm
+            if clip > 0 and clip / (norm + 1e-6) < 1:
+                torch._foreach_mul_(grads, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if scaled and self.scaler.get_scale() < scale:
+                self.overflows += 1  # fp16 overflow: the update was skipped
+                self.skipped_in_a_row += 1
+            else:
+                self.scheduler.step()
+                self.num_updates += 1
+                self.skipped_in_a_row = 0
+                self.task.after_update(self.model, self.num_updates)
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler_state = self.sampler.state_dict()
 
@@ -339,10 +393,45 @@ class Trainer:
         while True:
             yield from self.sampler.counted(self.loader)
 
+    def _next_batches(self, data) -> list[dict]:
+        """The next update's micro-batches; bad data (an InputError of the dataset, maybe
+        from a DataLoader worker) saves the last update's state first, then is re-raised
+        with its own message."""
+        try:
+            return [next(data) for _ in range(self.cfg.run.update_freq)]
+        except InputError as e:
+            message = str(e)
+            if message.startswith("Caught InputError in DataLoader"):  # the worker's traceback, as text
+                message = message.rstrip().splitlines()[-1].removeprefix("mt4ssl.errors.InputError: ")
+            if self.num_updates > 0 and self.saved_at != self.num_updates:
+                self.save()
+            saved = f", saved in {self.ckpt.last}" if self.saved_at == self.num_updates else ""
+            raise InputError(f"{message} (the run stopped at update {self.num_updates}{saved}; fix the data "
+                             f"and run the same command again)") from None
+
+    def _stop_if_skipping(self, stats: dict[str, float]) -> None:
+        """After run.max_skipped_in_a_row skipped updates in a row: save the last finite
+        update's state, log the counts and stop (TrainingStopped)."""
+        limit = self.cfg.run.max_skipped_in_a_row
+        if self.skipped_in_a_row < limit:
+            return
+        if self.saved_at != self.num_updates:
+            self.save()
+        what = (f"a non-finite loss ({stats['loss']:.4g}) or gradient norm ({stats['grad_norm']:.4g})"
+                if stats.get("nonfinite") else "an fp16 overflow")
+        raise TrainingStopped(
+            f"stopped: {limit} updates in a row were skipped (run.max_skipped_in_a_row), the last for {what}; "
+            f"{self.nonfinite} non-finite and {self.overflows} fp16 overflow(s) in all. No weight was changed by "
+            f"them: {self.ckpt.last} holds update {self.num_updates}, the last finite one. Look for bad data "
+            f"near this point of the run, or lower optim.lr / set optim.clip_norm; to go back further, copy an "
+            f"earlier checkpoint_<N>.pt of {self.ckpt.folder} over checkpoint_last.pt")
+
     def fit(self) -> dict:
         run = self.cfg.run
         if self.num_updates >= run.max_updates:
             log.info("already finished: %d of %d updates", self.num_updates, run.max_updates)
+            if self.saved_at != self.num_updates:  # resumed from a fallback: checkpoint_last is the damaged one
+                self.save()
             return {"num_updates": self.num_updates, "finished": True}
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -355,18 +444,28 @@ class Trainer:
         try:
             while self.num_updates < run.max_updates:
                 t0 = time.perf_counter()
-                batches = [next(data) for _ in range(run.update_freq)]
+                batches = self._next_batches(data)
                 interval["data_wait"] += time.perf_counter() - t0
                 before = self.num_updates
                 stats = self.train_step(batches)
-                for key, value in stats.items():
-                    interval[key] += value
+                if not stats["nonfinite"]:  # a skipped non-finite update adds nothing to the averages
+                    for key, value in stats.items():
+                        interval[key] += value
                 interval["updates"] += self.num_updates - before
                 logger.update(self.num_updates - before)
+                if self.skipped_in_a_row >= run.max_skipped_in_a_row:  # the stop's row
+                    logger.write({"update": self.num_updates, "nonfinite": self.nonfinite,
+                                  "overflows": self.overflows, "skipped_in_a_row": self.skipped_in_a_row,
+                                  "time": time.time()})
+                self._stop_if_skipping(stats)
                 try:
-                    self.task.check(stats, self.num_updates)
+                    if not stats["nonfinite"]:  # statistics of a non-finite forward are not checked
+                        self.task.check(stats, self.num_updates)
                 except Exception:
-                    self.save()
+                    if nonfinite_weight(self.model.state_dict()) is None:
+                        self.save()
+                    else:
+                        log.error("not saving update %d: its weights are not finite", self.num_updates)
                     raise
                 advanced, row, improved, saved = self.num_updates != before, {}, False, None
                 if advanced and self.num_updates % run.log_interval == 0:
@@ -395,7 +494,8 @@ class Trainer:
                 self.save(numbered=True)
         finally:
             logger.close()
-        return {"num_updates": self.num_updates, "overflows": self.overflows, "finished": True,
+        return {"num_updates": self.num_updates, "overflows": self.overflows, "nonfinite": self.nonfinite,
+                "finished": True,
                 "seconds": time.perf_counter() - t_start, "checkpoint": str(self.ckpt.last),
                 self.best_key: self.best_valid}
 
@@ -409,6 +509,7 @@ class Trainer:
             "updates_per_s": s["updates"] / seconds,
             "data_wait_frac": s["data_wait"] / seconds,
             "overflows": self.overflows,
+            "nonfinite": self.nonfinite,
             "mem_gb": peak_memory_gb(self.d.device),
             "time": time.time(),
         })

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from mt4ssl.data.dataset import PretrainDataset, collate
 from mt4ssl.errors import InputError
 from mt4ssl.models.cnn import conv_output_lengths
 from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig
-from mt4ssl.targets import CollapseGuard
+from mt4ssl.targets import CollapseGuard, TrainingCollapsed
 from mt4ssl.train import distributed, loop
 from mt4ssl.train.config import PretrainConfig
 from mt4ssl.train.loop import Preempted, on_preemption  # noqa: F401  (launch calls this module's hook)
@@ -219,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
     except Preempted as e:
         print(f"mt4ssl pretrain: {e}")
         return 3
+    except (loop.TrainingStopped, TrainingCollapsed) as e:  # each message says what to do
+        print(f"mt4ssl pretrain: {e}", file=sys.stderr)
+        return 4
     if isinstance(result, dict):
         print(f"pretraining done: {result['num_updates']} updates; checkpoint {result.get('checkpoint')}")
     return 0
