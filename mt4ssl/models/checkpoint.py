@@ -24,10 +24,40 @@ from mt4ssl.utils.io import atomic_open
 FORMAT, VERSION = "mt4ssl", 1
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, file-size limit, I/O error); the
+    file it was to replace, if any, is intact."""
+
+
 def write_state(path: str | Path, state: dict) -> None:
-    """Write a checkpoint dict (with "model_config" and "model") atomically, format-marked."""
-    with atomic_open(path, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+    """Write a checkpoint dict (with "model_config" and "model") atomically, format-marked.
+
+    A failed write (e.g. the disk is full) raises CheckpointWriteError saying so: the partial
+    file is removed and `path` keeps its previous content. (torch.save reports a failed write
+    as an unrelated-looking RuntimeError from its zip writer; the OSError behind it is what
+    happened.)"""
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(
+            cause.errno, f"{path}: writing the checkpoint failed: {cause.strerror or cause} (disk full, over "
+            f"a quota or a file-size limit?); nothing was replaced: the checkpoints already in "
+            f"{Path(path).parent} are intact and the partial file was removed") from e
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError in the chain of `e` (itself, its cause or its context), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def save_checkpoint(path: str | Path, model: MT4SSL, **extra) -> None:
