@@ -5,13 +5,19 @@ Shard i of n of split S is three files in the feature folder:
   `S_i_n.npy`   all frames of the shard, (frames, dim) float32
   `S_i_n.len`   frames per utterance, one line per manifest entry
   `S_i_n.json`  what was dumped (kind, rate, dim, manifest, entries); written last
-A shard whose `.json` exists is finished and is not recomputed.
+A shard whose `.json` exists is finished and is not recomputed. While a shard is written, its
+job holds an exclusive lock on `.S_i_n.lock` beside it (removed at the end; the lock is
+released when the process ends, even by kill -9): a second job on the same shard stops with
+an error naming the first one's pid instead of writing the same files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +70,46 @@ def dump_shard(kind: FeatureKind, manifest_path: Path, feat_dir: Path, split: st
     prefixes = [shard_prefix(Path(feat_dir) / out, split, shard, nshard) for out in kind.outputs]
     if all(p.with_suffix(".json").exists() for p in prefixes):
         return prefixes[0]
+    with shard_lock(prefixes[0], f"shard {shard}/{nshard} of {split}"):
+        if all(p.with_suffix(".json").exists() for p in prefixes):  # finished by the job that held the lock
+            return prefixes[0]
+        _write_shard(kind, manifest_path, prefixes, split, shard, nshard, progress)
+    return prefixes[0]
+
+
+@contextlib.contextmanager
+def shard_lock(prefix: Path, what: str):
+    """Hold the exclusive lock of the output `prefix` (`.NAME.lock` beside it: `.S_i_n.lock` for
+    a shard); InputError when another process holds it."""
+    path = prefix.with_name(f".{prefix.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{path}: {what} is being written by another process (pid {holder}); "
+                             f"two jobs must not write the same files: let that one finish (a rerun "
+                             f"then keeps what it wrote) or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # locked the file that is there (not one its holder removed meanwhile)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: no one else can be using this file
+        os.close(fd)
+
+
+def _write_shard(kind: FeatureKind, manifest_path: Path, prefixes: list[Path], split: str,
+                 shard: int, nshard: int, progress: bool) -> None:
     manifest = read_manifest(manifest_path)
     start, end = shard_range(len(manifest), shard, nshard)
     lens = [kind.num_frames(n) for n in manifest.sizes[start:end]]
@@ -105,7 +151,6 @@ def dump_shard(kind: FeatureKind, manifest_path: Path, feat_dir: Path, split: st
             "manifest": str(Path(manifest_path).resolve()), "shard": shard, "nshard": nshard,
             "entries": [start, end], "frames": int(sum(lens)), "seconds": round(time.time() - t0, 2),
         }, indent=1) + "\n")
-    return prefixes[0]
 
 
 @dataclass(frozen=True)

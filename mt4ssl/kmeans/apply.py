@@ -9,6 +9,7 @@ for its sample count; any mismatch is an error naming the utterance, never a sil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from mt4ssl.data.labels import write_dict
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
-from mt4ssl.features.dump import iter_shards
+from mt4ssl.features.dump import iter_shards, shard_lock
 from mt4ssl.kmeans.learn import KMeansModel, limit_threads
 from mt4ssl.models.cnn import FRAME_RATE, num_frames
 from mt4ssl.utils.io import atomic_open
@@ -51,7 +52,8 @@ def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest
     """Label every utterance of `split`; write `{split}.km` and `dict.km.txt` atomically.
 
     `dict.km.txt` lists the symbols 0..K-1 with count 1 (as fairseq's HuBERT recipe writes
-    it), so labelling several splits into one folder writes the same dictionary.
+    it), so labelling several splits into one folder writes the same dictionary. One job
+    writes a split's labels at a time (`locked_output`).
     """
     model = KMeansModel.load(km_path)
     manifest = read_manifest(manifest_path)
@@ -59,7 +61,7 @@ def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest
     counts = np.zeros(len(model.centroids), dtype=np.int64)
     i, frames, t0 = 0, 0, time.time()
     bar = tqdm(total=len(manifest), desc=f"labels {split}", unit="utt", disable=not progress)
-    with atomic_open(out_dir / f"{split}.km") as f:
+    with locked_output(out_dir / f"{split}.km", f"the labels of {split}") as f:
         for shard in iter_shards(feat_dir, split, nshard):
             if shard.meta["dim"] != model.centroids.shape[1]:
                 raise InputError(f"{km_path}: centroids are {model.centroids.shape[1]}-d, "
@@ -88,6 +90,17 @@ def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest
     seconds = time.time() - t0
     return {"utterances": i, "feature_frames": frames, "seconds": seconds,
             "frames_per_second": frames / max(seconds, 1e-9), "unused_clusters": int((counts == 0).sum())}
+
+
+@contextlib.contextmanager
+def locked_output(path: Path, what: str):
+    """`atomic_open(path)` holding the job lock of `path` (`.NAME.lock`: a second job writing it
+    stops with an error naming the first); the temporary file of a killed job is removed first."""
+    with shard_lock(path, what):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        with atomic_open(path) as f:
+            yield f
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
