@@ -2,7 +2,12 @@
 progress line on the terminal (a tqdm bar when interactive, plain log lines otherwise).
 
 A validation is logged in the row of its update (its keys prefixed `valid_`; a row of its own
-when the update is not a log step), as TensorBoard scalars `valid/...` and a log line."""
+when the update is not a log step), as TensorBoard scalars `valid/...` and a log line.
+
+A run that starts at update `start` (a resume from checkpoint_last, or 0) first drops what an
+interrupted attempt logged after it (rows of log.jsonl with a later update, a torn last line,
+TensorBoard events from update start + 1 on): those updates are done again, so the log of a
+run killed and resumed any number of times is the log of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mt4ssl.utils.io import atomic_write_text
 
 log = logging.getLogger("mt4ssl.train")
 
@@ -25,8 +32,12 @@ class TrainLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.jsonl = open(Path(out_dir) / "log.jsonl", "a")
-        self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        path = Path(out_dir) / "log.jsonl"
+        if path.exists():
+            keep_rows_until(path, start)
+        self.jsonl = open(path, "a")
+        tb = Path(out_dir) / "tb"
+        self.tb = SummaryWriter(str(tb), purge_step=start + 1 if tb.exists() else None)
         self.bar = tqdm(total=total, initial=start, unit="upd", desc=desc,
                         disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
@@ -62,3 +73,23 @@ class TrainLog:
             self.bar.close()
             self.jsonl.close()
             self.tb.close()
+
+
+def keep_rows_until(path: Path, update: int) -> int:
+    """Rewrite the JSON-lines log `path` without rows after `update` (and torn lines), when
+    it has any; returns how many were dropped."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+            ok = line.endswith("\n") and row["update"] <= update
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+        log.info("%s: dropped %d row(s) logged after update %d by an interrupted attempt", path, dropped, update)
+    return dropped
