@@ -18,6 +18,7 @@ USR2. Plain sbatch without submitit: slurm/pretrain.sbatch.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import logging
 import os
@@ -108,12 +109,14 @@ def _check_extra(extra: dict[str, Any], where: str) -> None:
 # ----------------------------------------------------------------------------- executors
 
 def executor_for(launch: LaunchConfig, folder: str | Path, cluster: str | None = None,
-                 name: str = "mt4ssl") -> submitit.AutoExecutor:
+                 name: str = "mt4ssl", plan_only: bool = False) -> submitit.AutoExecutor:
     """A submitit executor for `launch`: submitit's defaults < the profile < launch.* keys.
 
     A launch.* key overrides the profile when it differs from its default in `LaunchConfig`
     (so `cpus_per_task: 10` in a config does not hide the profile's value). `cluster` is
     "slurm" (default) or, for tests and laptops, "local" (subprocesses) or "debug" (in process).
+    `plan_only`: for dry runs (`submit_chain(..., dry_run=True)`), which only write sbatch
+    scripts: a SLURM executor is built on a machine without SLURM too.
     """
     from mt4ssl.train.config import LaunchConfig
 
@@ -133,11 +136,13 @@ def executor_for(launch: LaunchConfig, folder: str | Path, cluster: str | None =
         if value < low:
             raise InputError(f"launch.{key}: {value} must be at least {low}")
     cluster = cluster or "slurm"
-    if cluster == "slurm" and shutil.which("srun") is None:
+    no_srun = cluster == "slurm" and shutil.which("srun") is None
+    if no_srun and not plan_only:
         raise InputError("launch.launcher=slurm: `srun` is not on PATH (submit from a SLURM login node, "
                          "or run here with launch.launcher=local)")
-    executor = submitit.AutoExecutor(folder, cluster=cluster, slurm_max_num_timeout=launch.max_requeues,
-                                     local_max_num_timeout=launch.max_requeues)
+    with _without_srun_check() if no_srun else contextlib.nullcontext():
+        executor = submitit.AutoExecutor(folder, cluster=cluster, slurm_max_num_timeout=launch.max_requeues,
+                                         local_max_num_timeout=launch.max_requeues)
     params: dict[str, Any] = {"name": name, "nodes": launch.nodes, "tasks_per_node": max(1, gpus),
                               "cpus_per_task": cpus, "timeout_min": timeout}
     if gpus:
@@ -159,6 +164,20 @@ def executor_for(launch: LaunchConfig, folder: str | Path, cluster: str | None =
     except ValueError as e:  # submitit's own checks (e.g. the local executor has one node)
         raise InputError(f"launch: {e}") from None
     return executor
+
+
+@contextlib.contextmanager
+def _without_srun_check():
+    """Let submitit build a SLURM executor where `srun` is missing (it refuses to: "are you
+    indeed on a slurm cluster?"), for a dry run's sbatch scripts; nothing is submitted."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    original = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 1)
+    try:
+        yield
+    finally:
+        SlurmExecutor.affinity = original
 
 
 # ----------------------------------------------------------------------------- the job side

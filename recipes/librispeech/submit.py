@@ -110,8 +110,10 @@ def main() -> None:
     chain = [s for s in stages(args.work, root, args.overrides) if s.name in wanted]
     base = load_config(PretrainConfig, HERE / "mt4ssl_base.yaml")
     launch_cfg = LaunchConfig(**{**base.launch.__dict__, "profile": args.profile})
-    executor = executor_for(launch_cfg, args.work / "slurm", cluster="debug" if args.local else None)
-    os.makedirs(args.work, exist_ok=True)
+    executor = executor_for(launch_cfg, args.work / "slurm", cluster="debug" if args.local else None,
+                            plan_only=args.dry_run)  # a dry run plans on any machine, SLURM or not
+    if not args.dry_run:
+        os.makedirs(args.work, exist_ok=True)
     submit_chain(chain, executor, dry_run=args.dry_run)
 
 
