@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_TOOLS := espeak-ng flite sox libsndfile1
+# a single-node SLURM cluster for the launch fault tests (tools/slurm_local.py); optional
+DEB_OPTIONAL := slurm-wlm munge
 
 .PHONY: setup sysdeps demo reproduce test bench lock clean-demo
 
@@ -18,9 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,superb,decode]"
 	touch $@
 
-# Debian tools for the synthetic corpus: installed when missing and running as root.
+# Debian tools for the synthetic corpus: installed when missing and running as root; SLURM
+# and munge too when root (without them the real-cluster tests are skipped, saying why).
 sysdeps:
 	@bash tools/sysdeps.sh $(DEB_TOOLS)
+	@bash tools/sysdeps.sh --optional $(DEB_OPTIONAL)
 
 demo: setup
 	bash recipes/tiny/run.sh
