@@ -4,12 +4,14 @@
 
 YAML and overrides are merged with OmegaConf (so `${...}` interpolations work), then built
 into the dataclasses strictly: an unknown or misspelled key is an error naming it and the
-file, a value of the wrong type is an error naming the key.
+file, a value of the wrong type (or a float that is NaN or infinite) is an error naming the key;
+impossible values (a probability above 1, a negative rate) are the dataclasses' own checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -60,6 +62,8 @@ def _convert(value, hint, where: str):
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise InputError(f"{where}: expected {hint.__name__}, got {value!r}")
+        if hint is float and not math.isfinite(value):
+            raise InputError(f"{where}: expected a finite number, got {value!r}")
         return value
     if hint is typing.Any:
         return value

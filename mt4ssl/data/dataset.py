@@ -37,6 +37,7 @@ from mt4ssl.data.labels import read_dict, read_labels
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.models.cnn import num_frames
+from mt4ssl.utils.io import read_text
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class LetterDataset(Dataset):
         if not ltr_path.is_file():
             raise InputError(f"{ltr_path}: letter transcripts not found (the .ltr beside {self.manifest.path.name}; "
                              f"`mt4ssl manifest` writes them)")
-        lines = ltr_path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(ltr_path).splitlines()
         if len(lines) != len(self.manifest):
             raise InputError(f"{ltr_path}: {len(lines)} lines, but {self.manifest.path} has "
                              f"{len(self.manifest)} utterances")

@@ -14,7 +14,7 @@ import numpy as np
 from mt4ssl.data.manifest import Manifest
 from mt4ssl.errors import InputError
 from mt4ssl.models.cnn import FRAME_RATE, num_frames
-from mt4ssl.utils.io import atomic_open
+from mt4ssl.utils.io import atomic_open, read_text
 
 
 def write_dict(path: Path, n_classes: int) -> None:
@@ -27,7 +27,7 @@ def read_dict(path: Path) -> list[str]:
     if not Path(path).is_file():
         raise InputError(f"{path}: label dictionary not found")
     symbols = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
             raise InputError(f"{path}:{lineno}: expected 'SYMBOL COUNT', got {line!r}")
@@ -57,7 +57,7 @@ def read_labels(km_path: Path, manifest: Manifest, dict_path: Path | None = None
     n_classes = len(symbols)
     if not km_path.is_file():
         raise InputError(f"{km_path}: label file not found")
-    lines = km_path.read_text().splitlines()
+    lines = read_text(km_path).splitlines()
     if len(lines) != len(manifest):
         raise InputError(f"{km_path}: {len(lines)} lines, but {manifest.path} has {len(manifest)} "
                          f"entries")

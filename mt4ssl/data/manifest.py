@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from mt4ssl.data.audio import audio_info, read_audio
 from mt4ssl.errors import InputError
-from mt4ssl.utils.io import atomic_open
+from mt4ssl.utils.io import atomic_open, read_text
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,21 @@ class Manifest:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Parse a `.tsv` manifest; any malformed line is an error naming file and line."""
+    """Parse a `.tsv` manifest; any malformed line is an error naming file and line: a blank
+    line, a missing or non-positive sample count, a path that leads out of the root folder
+    (absolute, or through `..`), a path listed twice, no entries at all."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
-    lines = path.read_text().splitlines()
+    lines = read_text(path).splitlines()
     if not lines or not lines[0].strip():
         raise InputError(f"{path}:1: expected the root folder on the first line")
-    files, sizes = [], []
+    files, sizes, first = [], [], {}
     for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            raise InputError(f"{path}:{lineno}: blank line (expected 'relative/path<TAB>n_samples')")
         fields = line.split("\t")
-        if len(fields) != 2:
+        if len(fields) != 2 or not fields[0].strip():
             raise InputError(f"{path}:{lineno}: expected 'relative/path<TAB>n_samples', got {line!r}")
         try:
             n = int(fields[1])
@@ -67,8 +72,19 @@ def read_manifest(path: str | Path) -> Manifest:
             raise InputError(f"{path}:{lineno}: sample count {fields[1]!r} is not an integer") from None
         if n <= 0:
             raise InputError(f"{path}:{lineno}: sample count {n} must be positive")
-        files.append(fields[0])
+        rel = fields[0]
+        normal = posixpath.normpath(rel.replace("\\", "/"))
+        if posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or Path(rel).is_absolute():
+            raise InputError(f"{path}:{lineno}: path {rel!r} leads outside the manifest's root folder "
+                             f"(line 1); paths must be relative to it, without '..'")
+        if normal in first:
+            raise InputError(f"{path}:{lineno}: {rel} is listed twice (first on line {first[normal]}); "
+                             f"each utterance would weigh double")
+        first[normal] = lineno
+        files.append(rel)
         sizes.append(n)
+    if not files:
+        raise InputError(f"{path}: no entries after the root folder line")
     return Manifest(path, Path(lines[0].strip()), tuple(files), tuple(sizes))
 
 

@@ -134,6 +134,8 @@ def _write_shard(kind: FeatureKind, manifest_path: Path, prefixes: list[Path], s
                 if x.shape != (n, kind.dim):
                     raise RuntimeError(f"{manifest.where(i)}: {kind.name} gave {x.shape}, "
                                        f"expected {(n, kind.dim)}")
+                if not np.isfinite(x).all():  # never written: k-means and labels would take them silently
+                    raise InputError(f"{manifest.where(i)}: {kind.name} features hold NaN or infinite values")
                 out[offset:offset + n] = x
             offset += n
         for out, tmp, npy in zip(feats, tmps, npys):

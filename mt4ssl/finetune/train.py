@@ -37,6 +37,7 @@ from mt4ssl.finetune.ctc import Dictionary, edit_distance, greedy_decode
 from mt4ssl.finetune.model import CTCModel, ctc_state
 from mt4ssl.train import loop
 from mt4ssl.train.loop import Preempted, on_preemption  # noqa: F401  (launch calls this module's hook)
+from mt4ssl.utils.io import read_text
 
 log = logging.getLogger("mt4ssl.finetune")
 
@@ -52,7 +53,7 @@ def read_fairseq_dict(path: str | Path) -> Dictionary:
     if not path.is_file():
         raise InputError(f"{path}: dictionary not found (data.dictionary)")
     symbols = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -74,7 +75,7 @@ def count_dictionary(ltr: str | Path) -> Dictionary:
     ltr = Path(ltr)
     if not ltr.is_file():
         raise InputError(f"{ltr}: letter transcripts not found (needed for the dictionary)")
-    counts = Counter(ltr.read_text(encoding="utf-8").split())
+    counts = Counter(read_text(ltr).split())
     return Dictionary.from_symbols(sorted(counts, key=lambda s: (-counts[s], s)))
 
 

@@ -125,6 +125,9 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
 def learn(feat_dir: Path, split: str, nshard: int, k: int, out: Path, backend: str = "faiss",
           fraction: float = 0.1, seed: int = 0, threads: int | None = None) -> KMeansModel:
     x, feat_meta = sample_frames(feat_dir, split, nshard, fraction, seed)
+    if not np.isfinite(x).all():
+        raise InputError(f"{feat_dir}: the sampled features of {split} hold NaN or infinite values "
+                         f"(dumped from bad audio or a diverged model?); dump them again")
     if x.shape[0] < k:
         raise InputError(f"{feat_dir}: {x.shape[0]} sampled frames are fewer than k={k} clusters "
                          f"(raise --fraction or use more data)")

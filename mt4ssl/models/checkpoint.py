@@ -108,8 +108,9 @@ def load_model(path: str | Path, map_location="cpu") -> MT4SSL:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         text = " ".join(str(e).split())
-        raise InputError(f"{path}: its weights do not fit its model_config (another model size or "
-                         f"target set?): {text[:300]}{' ...' if len(text) > 300 else ''}") from None
+        raise InputError(f"{path}: an mt4ssl checkpoint whose model does not load (its weights do not fit "
+                         f"its model_config: another model size or target set?): {text[:300]}"
+                         f"{' ...' if len(text) > 300 else ''}") from None
     bad = nonfinite_weight(state["model"])
     if bad is not None:
         raise InputError(f"{path}: weight {bad} holds NaN or infinite values (a diverged run?); "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import pickle
 import re
 from pathlib import Path
 
@@ -295,7 +296,15 @@ def convert_hf(folder: Path) -> MT4SSL:
 
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: no config.json (expected a save_pretrained folder)")
-    hf = AutoModel.from_pretrained(folder, local_files_only=True)
+    try:
+        hf = AutoModel.from_pretrained(folder, local_files_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{folder}: its weights are a pickle that would run code when loaded "
+                         f"(refused: only weights_only loading); convert them to safetensors where they "
+                         f"were made") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"{folder}: transformers cannot load it: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     model = MT4SSL(config_from_hf(AutoConfig.from_pretrained(folder, local_files_only=True)))
     model.load_state_dict(state_dict_from_hf(hf.state_dict(), model.cfg.extractor_mode), strict=True)
     return model

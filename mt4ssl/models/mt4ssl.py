@@ -68,6 +68,18 @@ class ModelConfig:
     teacher: TeacherConfig = TeacherConfig()
 
     def __post_init__(self):
+        for key in ("embed_dim", "ffn_dim", "num_heads", "num_layers", "pos_conv_depth", "pos_conv_kernel",
+                    "pos_conv_groups", "mask_length", "mask_channel_length"):
+            if getattr(self, key) < 1:
+                raise InputError(f"{key}: {getattr(self, key)} must be at least 1")
+        if self.mask_min_spans < 0:
+            raise InputError(f"mask_min_spans: {self.mask_min_spans} must be at least 0")
+        for key in ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
+                    "mask_prob", "mask_channel_prob"):  # probabilities
+            if not 0 <= getattr(self, key) <= 1:
+                raise InputError(f"{key}: {getattr(self, key)} must be in [0, 1]")
+        if any(c < 1 for c, _, _ in self.conv_layers):
+            raise InputError(f"conv_layers {self.conv_layers}: every channel dim must be at least 1")
         geometry = tuple((k, s) for _, k, s in self.conv_layers)
         if geometry != tuple((k, s) for _, k, s in CONV_LAYERS):
             raise InputError(

@@ -37,6 +37,10 @@ class KMeansConfig:
             )
         if not self.unmasked_weight >= 0:
             raise ValueError(f"kmeans.unmasked_weight {self.unmasked_weight} must be >= 0")
+        if not self.weight >= 0:
+            raise ValueError(f"kmeans.weight {self.weight} must be >= 0")
+        if any(n < 1 for n in self.num_classes):
+            raise ValueError(f"kmeans.num_classes {self.num_classes}: each must be at least 1")
 
 
 class KMeansTarget(Target):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mt4ssl.errors import InputError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -46,7 +48,14 @@ def setup(device: str = "auto") -> Dist:
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"run.device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"run.device: {device!r}, but this machine has "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+                         f"use run.device=cpu (or auto)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
     if dev.type == "cuda":

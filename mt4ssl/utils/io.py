@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a torn one."""
+"""Atomic file writes (a reader sees the old file or the new one, never a torn one) and text reads
+that name the file when it is not UTF-8 text."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content; a file that is not UTF-8 text (binary, another encoding)
+    is an InputError naming it and the first bad byte, not a UnicodeDecodeError."""
+    from mt4ssl.errors import InputError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                         f"expected a text file") from None
