@@ -4,6 +4,7 @@ counted skip; never silent, never a stack trace.
 
     .venv/bin/python tools/bad_inputs.py                    # every case -> results/reliability.md
     .venv/bin/python tools/bad_inputs.py --only km_ --no-write
+    .venv/bin/python tools/bad_inputs.py --against 41cca1e  # the same cases on an older commit's mt4ssl
 
 Every case builds its own small inputs in a temporary folder (tones, hand-written manifests,
 labels and configs, a tiny random checkpoint), spoils one thing and runs `mt4ssl ...` in this
@@ -46,6 +47,8 @@ TINY = ["model.preset=tiny", "model.embed_dim=32", "model.ffn_dim=64", "model.nu
         "model.pos_conv_groups=4", "model.teacher.top_k=2",
         "model.conv_layers=[[32,10,5],[32,3,2],[32,3,2],[32,3,2],[32,3,2],[32,2,2],[32,2,2]]",
         "model.layerdrop=0.0"]
+PRETRAIN_YAML = ("run: {device: cpu, max_updates: 2, log_interval: 1, save_interval: 1, valid_interval: 0}\n"
+                 "data: {max_tokens: 200000, num_workers: 0}\n")
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,7 @@ def pretrain_data(d: Path) -> tuple[Path, Path]:
 def pretrain_argv(d: Path, *overrides: str) -> list[str]:
     cfg = d / "pretrain.yaml"
     if not cfg.exists():
-        cfg.write_text("run: {device: cpu, max_updates: 2, log_interval: 1, save_interval: 1, valid_interval: 0}\n"
-                       "data: {max_tokens: 200000, num_workers: 0}\n")
+        cfg.write_text(PRETRAIN_YAML)
     return ["pretrain", str(cfg), f"data.manifest_dir={d / 'm'}", f"data.labels={{km: {d / 'lab'}}}",
             f"run.out_dir={d / 'run'}", *TINY, *overrides]
 
@@ -372,6 +374,24 @@ def _truncated_ckpt(d: Path) -> Path:
     return path
 
 
+class _Payload:
+    """Unpickling this runs code (it writes `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
+
+
+def _pickled_ckpt(d: Path) -> Path:
+    import torch
+
+    state = torch.load(tiny_ckpt(d), weights_only=True)
+    torch.save({**state, "extra": _Payload(d / "payload_ran")}, d / "evil.pt")
+    return d / "evil.pt"
+
+
 def _fairseq_ckpt(name: str) -> Callable[[Path], Path]:
     def make(d: Path) -> Path:
         import torch
@@ -458,7 +478,7 @@ CASES: list[Case] = [
          "train.tsv:2 (100/10/100-10-0000.flac)"),
     Case("audio_nan", "float WAV with a NaN sample", _data_case(_nan_wav(float("nan"))), "100-10-0000.flac: sample 16000 is nan"),
     Case("audio_inf", "float WAV with an infinite sample", _data_case(_nan_wav(float("inf"))), "100-10-0000.flac: sample 16000 is inf"),
-    Case("audio_float_int_scale", "float WAV at int16 scale (peak 9830)",
+    Case("audio_float_int_scale", "float WAV at int16 scale",
          _data_case(lambda p: write_audio(p, tone(sf.info(str(p)).frames) * 32768, subtype="FLOAT", fmt="WAV")),
          "100-10-0000.flac: float samples reach"),
     Case("audio_missing", "manifest lists a file that is gone", _data_case(_missing_audio),
@@ -544,6 +564,8 @@ CASES: list[Case] = [
                                                                               "optim.warmup_ratio=2"),
          "optim.warmup_ratio: 2.0 must be in [0, 1]"),
     Case("cfg_device", "run.device=cuda on a machine without that GPU", _cuda_case, "run.device"),
+    Case("cfg_precision", "run.precision=fp8", _pretrain_cfg_case("run.precision=fp8"),
+         "run.precision: 'fp8' is not one of"),
     Case("cfg_ft_mask", "finetune model.mask_prob=1.2", _finetune_case("model.mask_prob=1.2"),
          "model.mask_prob: 1.2 must be in [0, 1)"),
     Case("cfg_yaml_syntax", "YAML that does not parse", _yaml_case("run: {device: cpu\n"), "pretrain.yaml: not a valid YAML"),
@@ -555,6 +577,8 @@ CASES: list[Case] = [
          _extract(lambda d: tiny_ckpt(d, spoil=_wrong_shapes)), "tiny.pt: an mt4ssl checkpoint whose model does not load (its weights do not fit"),
     Case("ckpt_nan_weights", "`mt4ssl extract` of a checkpoint with a NaN weight",
          _extract(lambda d: tiny_ckpt(d, spoil=_nan_weight)), "tiny.pt: weight post_extract_proj.weight holds NaN"),
+    Case("ckpt_pickle", "`mt4ssl extract` of a checkpoint that unpickles code (a __reduce__ payload)",
+         _extract(lambda d: _pickled_ckpt(d)), "evil.pt: not an mt4ssl checkpoint (it does not load with weights_only"),
     Case("ckpt_convert_unsupported", "fairseq checkpoint of model type wav2vec_ctc", _convert_unsupported,
          "model 'wav2vec_ctc': only"),
     Case("ckpt_resume_other_size", "resume with another model size (model.embed_dim=64)",
@@ -595,8 +619,7 @@ CASES: list[Case] = [
              "".join(f"{c} 1\n" for c in "|HELOWRDSPC"))), "train.ltr:2: token 'M' is not in the dictionary"),
     # ---------------------------------------------------------------- bad data found while training
     Case("train_lr_diverges", "optim.lr=1e30: the weights blow up after the first update",
-         _pretrain_cfg_case("optim.lr=1e30", "run.max_updates=10", "run.max_skipped_in_a_row=3"),
-         "stopped: 3 updates in a row were skipped"),
+         _pretrain_cfg_case("optim.lr=1e30", "run.max_updates=60"), "stopped: 50 updates in a row were skipped"),
     Case("train_nan_audio", "pretraining reaches a float file with a NaN sample", _mid_run_nan_audio,
          "100-10-0000.flac: sample 16000 is nan"),
 ]
@@ -678,16 +701,16 @@ def _cell(text: str) -> str:
 
 
 def _command(argv: list[str]) -> str:
-    shown = [a for a in argv if not a.startswith("model.") or a in argv[-3:]]
-    text = "mt4ssl " + " ".join(shown)
-    return text if len(text) < 160 else text[:157] + "..."
+    text = "mt4ssl " + " ".join(a for a in argv if a not in TINY)
+    return text if len(text) < 200 else text[:197] + "..."
 
 
 def table(outcomes: list[Outcome]) -> str:
     counts = {k: sum(o.kind == k for o in outcomes) for k in ("error", "skipped", "stopped", "silent", "crash", "unclear")}
     lines = [f"{len(outcomes)} bad inputs, each run through the `mt4ssl` command named (in the process, as "
-             f"`mt4ssl.cli.main`); `$D` is the case's own temporary folder, tiny-model overrides "
-             f"(`model.*`) are left out of the commands shown.",
+             f"`mt4ssl.cli.main`); `$D` is the case's own temporary folder; the overrides of the tiny model "
+             f"(`{' '.join(TINY)}`) are left out of the pretraining commands shown; `$D/pretrain.yaml` is "
+             f"`{PRETRAIN_YAML.strip().replace(chr(10), ' ')}` unless the case says otherwise.",
              "",
              "Outcomes: " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
              f". **Silent: {counts['silent']}**, stack traces: {counts['crash']}, messages not naming the "
@@ -706,18 +729,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print the table, leave results/ alone")
     p.add_argument("--section", default="Bad inputs", help="section of results/reliability.md to (re)write")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "reliability.md")
+    p.add_argument("--against", metavar="REV",
+                   help="run the cases on the mt4ssl of git commit REV (extracted to a temporary folder) and "
+                        "write them as the section 'Bad inputs at REV'")
     args = p.parse_args(argv)
-    cases = [c for c in CASES if args.only in c.name]
-    outcomes = run_cases(cases)
-    body = table(outcomes)
+    if args.against:
+        body, ok = against(args.against, args.only)
+        section, command = f"Bad inputs at {args.against}", f"tools/bad_inputs.py --against {args.against}"
+    else:
+        outcomes = run_cases([c for c in CASES if args.only in c.name])
+        body, ok = table(outcomes), all(o.ok for o in outcomes)
+        section, command = "Bad inputs", "tools/bad_inputs.py"
     print(body)
     if not args.no_write:
         from benchmarks.report import write_section
 
-        command = "tools/bad_inputs.py" + (f" --section '{args.section}'" if args.section != "Bad inputs" else "")
-        write_section(args.section, f".venv/bin/python {command}", body, path=args.out, header=HEADER)
-        print(f"wrote the {args.section!r} section of {args.out}", file=sys.stderr)
-    return 0 if all(o.ok for o in outcomes) else 1
+        write_section(section, f".venv/bin/python {command}", body, path=args.out, header=HEADER)
+        print(f"wrote the {section!r} section of {args.out}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def against(rev: str, only: str) -> tuple[str, bool]:
+    """This script's cases with the `mt4ssl` package of commit `rev` (git archive into a
+    temporary folder, first on PYTHONPATH of a child process): (its table, all ok)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "mt4ssl"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        env = {**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"}
+        child = subprocess.run([sys.executable, __file__, "--no-write", "--only", only], env=env, cwd=tmp,
+                               capture_output=True, text=True)
+    head = child.stdout.find(f"{len([c for c in CASES if only in c.name])} bad inputs")
+    if head < 0:
+        raise RuntimeError(f"the run against {rev} printed no table:\n{child.stderr[-3000:]}")
+    note = (f"The cases of the section above run on the `mt4ssl` package of commit {rev} (this script and "
+            f"its inputs unchanged).\n\n")
+    return note + child.stdout[head:], child.returncode == 0
 
 
 if __name__ == "__main__":
