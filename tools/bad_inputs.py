@@ -622,6 +622,8 @@ CASES: list[Case] = [
          _pretrain_cfg_case("optim.lr=1e30", "run.max_updates=60"), "stopped: 50 updates in a row were skipped"),
     Case("train_nan_audio", "pretraining reaches a float file with a NaN sample", _mid_run_nan_audio,
          "100-10-0000.flac: sample 16000 is nan"),
+    Case("train_nan_audio_worker", "the same, read by a DataLoader worker process (data.num_workers=1)",
+         lambda d: [*_mid_run_nan_audio(d), "data.num_workers=1"], "100-10-0000.flac: sample 16000 is nan"),
 ]
 
 
