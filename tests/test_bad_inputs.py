@@ -6,7 +6,6 @@ silent, none a stack trace. Plus the edges of the new audio checks."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -21,7 +21,6 @@ from mt4ssl.finetune import train as ft
 from mt4ssl.targets import CollapseGuard, TrainingCollapsed
 from mt4ssl.train import distributed, loop, pretrain
 from tests.conftest import write_tree
-from tests.test_finetune import make_cfg as ft_cfg
 from tests.test_train import fixed_batches, make_cfg, prepared  # noqa: F401  (the module fixture)
 
 INF, NAN = float("inf"), float("nan")
@@ -168,6 +167,17 @@ def test_cli_stop_message_then_resume(prepared, tmp_path, monkeypatch, capsys): 
     assert ckpt(out / "checkpoints" / "checkpoint_last.pt")["num_updates"] == 6
 
 
+def ft_cfg(data: Path, ckpt: Path, out: Path, *overrides: str):
+    from mt4ssl.config import load_config
+    from mt4ssl.finetune.config import FinetuneConfig
+
+    return load_config(FinetuneConfig, None, [
+        f"data.manifest_dir={data}", "data.valid_split=valid", "data.max_tokens=100000", "data.num_workers=0",
+        f"run.out_dir={out}", f"run.init_from={ckpt}", "run.max_updates=6", "run.log_interval=1",
+        "run.save_interval=2", "run.valid_interval=0", "run.device=cpu", "optim.lr=1e-3",
+        "model.mask_channel_length=8", "model.layerdrop=0.0", *overrides])
+
+
 @pytest.fixture(scope="module")
 def ft_data(tmp_path_factory) -> tuple[Path, Path]:
     from mt4ssl.models.checkpoint import save_checkpoint
@@ -187,8 +197,7 @@ def ft_data(tmp_path_factory) -> tuple[Path, Path]:
 def test_finetuning_skips_then_stops_keeping_the_good_checkpoint(ft_data, tmp_path, grad):
     data, tiny = ft_data
     out = tmp_path / "ft"
-    cfg = ft_cfg(data, tiny, out, "run.save_interval=2", "run.max_skipped_in_a_row=3", "run.valid_interval=0",
-                 "model.freeze_finetune_updates=0")
+    cfg = ft_cfg(data, tiny, out, "run.max_skipped_in_a_row=3")
     trainer = loop.Trainer(cfg, distributed.Dist(), ft.CTCFinetuning(cfg))
     trainer.task.loss = Inject(trainer.task, bad=range(3, 100), value=INF if grad else NAN, grad=grad)
     good, real_step = {}, trainer.step
