@@ -8,11 +8,14 @@ On SLURM every task of the job runs `TrainJob(target, cfg)()`: it exports torchr
 target (`mt4ssl.train.pretrain:train`), which resumes from `checkpoint_last.pt` if there is one.
 
 Preemption and time limit: SLURM sends USR2 `signal_delay_s` (120) seconds before the end
-(and on preemption, where the cluster preempts with a grace time). submitit's handler (global
-rank 0 only; the trainer defers it to the end of the current update) calls
+(and on preemption where the cluster sets PreemptParameters=send_user_signal). submitit's
+handler (global rank 0 only; the trainer defers it to the end of the current update) calls
 `TrainJob.checkpoint`, which calls the target module's `on_preemption()` and requeues the job
-with a fresh `TrainJob`. Forked children (DataLoader workers), which SLURM signals too, ignore
-USR2. Plain sbatch without submitit: slurm/pretrain.sbatch.
+with a fresh `TrainJob`. A preemption without that setting is SIGTERM, then SIGKILL after the
+partition's GraceTime, and SLURM requeues the job itself (PreemptMode=REQUEUE): the trainer
+saves at the SIGTERM and waits (mt4ssl/train/loop.py). Forked children (DataLoader workers),
+which SLURM signals too, ignore these signals. Plain sbatch without submitit:
+slurm/pretrain.sbatch.
 """
 
 from __future__ import annotations

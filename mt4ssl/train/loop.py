@@ -45,9 +45,14 @@ task. The row goes into the log row of its update; when `task.best_metric` is th
 far, checkpoint_best.pt is written (the value is in the training state as
 `best_<metric>`, so a resumed run keeps it).
 
-Signals: SIGUSR1 and SIGTERM (and SIGUSR2 outside submitit) stop the run at the end of the
-current update, after saving checkpoint_last; under submitit, its timeout/preemption
-signal is deferred the same way, then handed to submitit, which requeues the job.
+Signals: SIGUSR1, SIGUSR2 and SIGTERM stop the run at the end of the current update, after
+saving checkpoint_last; under submitit, its timeout/preemption signal (USR2) is deferred the
+same way, then handed to submitit, which requeues the job, and SIGTERM (what SLURM sends on a
+preemption unless the cluster sets PreemptParameters=send_user_signal, on scancel and at the
+time limit, then SIGKILL after GraceTime or KillWait) saves checkpoint_last at the end of the
+current update, after which the job trains no further and waits to be killed (a preempted
+job is then requeued by SLURM) or for submitit's signal. DataLoader workers ignore these
+signals (`ignore_stop_signals`).
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ class Trainer:
                                           world_size=d.world_size, where=self.dataset.where)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=task.collate,
                                  num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-                                 persistent_workers=cfg.data.num_workers > 0)
+                                 persistent_workers=cfg.data.num_workers > 0, worker_init_fn=ignore_stop_signals)
         self.net = self.model
         if d.enabled:
             self.net = DistributedDataParallel(
@@ -201,6 +206,7 @@ class Trainer:
         self.sampler_state = self.sampler.state_dict()  # the position at the last update boundary
         self.saved_at = -1
         self.stop_signal: int | None = None
+        self.save_soon = False  # SIGTERM under submitit: save at the end of this update, then wait
         self.updating = False  # inside train_step: the state is not consistent
         self._previous_handlers: dict = {}
         if last is not None:
@@ -488,6 +494,8 @@ class Trainer:
                     saved = self.save(numbered=True)
                 if improved:
                     self.save_best(same_as=saved)
+                if self.save_soon:
+                    self._save_and_wait()
                 if stats["stop"] > 0:
                     self._stop()
             if self.saved_at != self.num_updates:
@@ -527,6 +535,28 @@ class Trainer:
         raise Preempted(f"stopped by {name} at update {self.num_updates}; checkpoint saved in "
                         f"{self.ckpt.folder}; run the same command again to resume")
 
+    def _save_and_wait(self) -> None:
+        """After SIGTERM under submitit: save, then make no further update (it would be lost at
+        the kill that follows) until the job is killed or submitit's USR2 comes (then requeued)."""
+        self.save_soon = False
+        if self.saved_at != self.num_updates:
+            self.save()
+        log.warning("checkpoint_last holds update %d: waiting for the job to be stopped or requeued",
+                    self.num_updates)
+        while self.stop_signal is None:
+            time.sleep(0.2)
+        self._stop()
+
+    def stop_workers(self) -> None:
+        """End the DataLoader's worker processes now. At interpreter exit torch leaves them to
+        multiprocessing, which sends SIGTERM and waits, and the workers ignore SIGTERM
+        (`ignore_stop_signals`): an exit with them alive (an exception holding the trainer)
+        would wait forever. (PyTorch Lightning ends its workers the same way.)"""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     # ------------------------------------------------------------------ signals
 
     def install_signal_handlers(self) -> None:
@@ -537,6 +567,8 @@ class Trainer:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: no handlers
                 return
+        if under_submitit:  # submitit only logs SIGTERM; the kill may follow it
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_term)
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -545,6 +577,21 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         log.warning("received %s: stopping after this update", signal.Signals(signum).name)
         self.stop_signal = signum
+
+    def _on_term(self, signum, frame) -> None:
+        log.warning("received SIGTERM (a preemption, scancel or the time limit): saving checkpoint_last "
+                    "after this update")
+        self.save_soon = True
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: leave the stop signals to the training process. SLURM (scancel,
+    preemption, time limit) and `kill -- -PGID` signal every process; a worker killed by
+    SIGTERM or SIGUSR1 made torch raise "DataLoader worker ... is killed by signal" in the
+    training process, wherever it was (even mid-save), so the stop saved nothing. The worker
+    still ends with the training process (`Trainer.stop_workers`, or it sees its parent gone)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -585,6 +632,7 @@ def run(cfg, make_trainer: Callable[[distributed.Dist], Trainer]) -> dict:
             return trainer.fit()
         finally:
             trainer.restore_signal_handlers()
+            trainer.stop_workers()
             _ACTIVE = None
     finally:
         distributed.teardown(d)
