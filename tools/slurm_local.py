@@ -8,9 +8,11 @@ and benchmarks/faults.py: Debian's slurm-wlm + munge, started by hand without sy
 
 Everything lives in DIR (default /var/tmp/mt4ssl-slurm): the config (`slurm.conf`, used through
 `SLURM_CONF`, so /etc/slurm is left alone), state, spool, logs and pid files. The daemons
-listen on their own ports (6917/6918), so they do not meet a real cluster's. One partition
-`debug` with this machine's cores; finished jobs stay visible to `scontrol show job` for 10
-minutes (there is no accounting database, so `sacct` does not answer here).
+listen on their own ports (6917/6918), so they do not meet a real cluster's. Two partitions
+on this machine's cores: `debug` (the default) and `urgent`, whose jobs preempt debug's as a
+busy cluster does (PreemptMode=REQUEUE: SIGTERM, SIGKILL 5 s later, the job requeued);
+finished jobs stay visible to `scontrol show job` for 10 minutes (there is no accounting
+database, so `sacct` does not answer here).
 
 In Python, `with running() as cluster:` holds the cluster for a block (the tests' session):
 it starts what is not running, sets SLURM_CONF, and the last block using it stops what such
@@ -37,7 +39,9 @@ from pathlib import Path
 
 DEFAULT_DIR = Path("/var/tmp/mt4ssl-slurm")
 CTLD_PORT, SLURMD_PORT = 6917, 6918
-PARTITION = "debug"
+PARTITION = "debug"  # the default partition: its jobs are preempted (requeued) by jobs of URGENT
+URGENT = "urgent"
+GRACE_S = 5  # a preempted job gets SIGTERM, then SIGKILL this many seconds later (GraceTime)
 MUNGE_KEY = Path("/etc/munge/munge.key")
 DAEMONS = ("slurmctld", "slurmd")
 
@@ -65,8 +69,11 @@ MpiDefault=none
 JobRequeue=1
 MinJobAge=600
 KillWait=10
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={grace}
+PartitionName={urgent} Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
@@ -155,8 +162,9 @@ def _pid(folder: Path, daemon: str) -> int | None:
 
 
 def _node_idle(cluster: Cluster) -> bool:
-    out = _run(["sinfo", "-h", "-N", "-o", "%t"], cluster.env())
-    return out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc")
+    out = _run(["sinfo", "-h", "-N", "-o", "%t"], cluster.env())  # a line per partition
+    states = set(out.stdout.split())
+    return out.returncode == 0 and bool(states) and states <= {"idle", "mix", "alloc"}
 
 
 def _mem_mb() -> int:
@@ -177,7 +185,8 @@ def start(folder: Path = DEFAULT_DIR, timeout: float = 60) -> Cluster:
     started = ["munged"] if _start_munge() else []
     host = socket.gethostname().split(".")[0]
     conf = CONF.format(host=host, dir=folder, ctld_port=CTLD_PORT, slurmd_port=SLURMD_PORT,
-                       cpus=os.cpu_count() or 1, mem_mb=_mem_mb(), partition=PARTITION)
+                       cpus=os.cpu_count() or 1, mem_mb=_mem_mb(), partition=PARTITION, urgent=URGENT,
+                       grace=GRACE_S)
     cluster = Cluster(folder, ())
     running = [d for d in DAEMONS if _pid(folder, d)]
     if running and cluster.conf.is_file() and cluster.conf.read_text() != conf:
