@@ -1,4 +1,5 @@
-"""Write one benchmark's section of results/perf.md, keeping the other sections."""
+"""Write one benchmark's section of a results file (results/perf.md by default, or e.g.
+results/reliability.md), keeping the other sections."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def write_section(name: str, command: str, body: str, path: Path = PERF) -> None:
-    text = path.read_text() if path.exists() else HEADER
+def write_section(name: str, command: str, body: str, path: Path = PERF, header: str = HEADER) -> None:
+    """Replace (or append) section `name` of `path`; `header` starts a new file."""
+    text = path.read_text() if path.exists() else header
     section = (f"<!-- begin {name} -->\n## {name}\n\nCommand: `{command}`  \n"
                f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}\n\n{body.strip()}\n"
                f"<!-- end {name} -->\n")

@@ -1,8 +1,11 @@
 """mt4ssl.launch: executors from profiles, launch, TrainJob, preemption/requeue, stage chains.
 
-No SLURM here: SLURM executors are built with a fake `srun`/`sbatch`/`scontrol` on PATH (the
-sbatch scripts submitit writes are read back); jobs run through submitit's "debug" executor (in
-process) and "local" executor (subprocesses, with the same signal handling as on SLURM).
+These run on any machine: SLURM executors are built with a fake `srun`/`sbatch`/`scontrol` on
+PATH (the sbatch scripts submitit writes are read back: GPUs, several nodes, accounts and
+profiles that a one-node CPU cluster cannot show); jobs run through submitit's "debug" executor
+(in process) and "local" executor (subprocesses, with the same signal handling as on SLURM).
+The same jobs on a real SLURM cluster (dependency order, a failed stage cancelling the rest,
+preemption and time-limit requeue and resume): tests/test_faults.py.
 """
 
 from __future__ import annotations
