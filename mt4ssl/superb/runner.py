@@ -23,8 +23,8 @@ frozen upstream through s3prl 0.4.18's own runner and downstream code.
 
 EXPDIR holds one run: EXPDIR/run.json (its settings) is written first. Run again with the
 same settings, the command returns the finished result, resumes s3prl's training from the
-newest states-N.ckpt (`-m train -e`, e.g. after a preemption), or starts again when no
-states were saved; a folder of other settings, or not of this command, is an error.
+newest states-N.ckpt (`-m train -e`, e.g. after a preemption; a .ckpt whose write a kill cut
+off is removed first), or starts again when no states were saved; a folder of other settings, or not of this command, is an error.
 `mt4ssl superb` (mt4ssl.superb.sweep) runs this once per learning rate of a sweep.
 """
 
@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -212,6 +213,9 @@ def _prepare_out(out: Path, settings: dict) -> dict | Path | None:
     if (out / "result.json").is_file():
         log.info("%s: finished before, result.json kept", out)
         return json.loads((out / "result.json").read_text())
+    for partial in sorted(p for p in out.glob("*.ckpt") if not _complete(p)):  # s3prl writes them in place
+        log.warning("%s: incomplete (its write was cut off, e.g. by a kill): removed", partial)
+        partial.unlink()
     saved = sorted(out.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
     if saved:
         return saved[-1]
@@ -219,6 +223,16 @@ def _prepare_out(out: Path, settings: dict) -> dict | Path | None:
     for path in out.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
+
+
+def _complete(path: Path) -> bool:
+    """Whether a torch.save file is whole: a zip archive with its central directory, which
+    is written last (a write cut off by a kill has none)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _s3prl(argv: list[str], logfile: Path, append: bool = False) -> str:
