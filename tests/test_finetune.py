@@ -29,6 +29,8 @@ from mt4ssl.train import distributed, loop
 from mt4ssl.train.schedule import lr_multiplier
 from tests.conftest import WORDS, small_model_config, write_tree
 
+ROOT_TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "finetune.yaml"
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -86,6 +88,22 @@ def test_finetune_command_validates_by_wer_and_keeps_the_best(data, tiny_ckpt, t
     assert dictionary.symbols[0] == "<blank>" and "|" in dictionary and model.proj.out_features == len(dictionary)
 
 
+def test_best_checkpoint_by_another_metric(data, tiny_ckpt, tmp_path, capsys):
+    assert main(["finetune", str(ROOT_TINY), f"data.manifest_dir={data}", "data.valid_split=valid",
+                 "data.max_tokens=100000", "data.num_workers=0", f"run.out_dir={tmp_path / 'run'}",
+                 f"run.init_from={tiny_ckpt}", "run.max_updates=4", "run.valid_interval=2", "run.log_interval=2",
+                 "run.save_interval=100", "run.best_metric=valid_uer", "model.freeze_finetune_updates=1",
+                 "model.mask_channel_length=8", "run.precision=fp32"]) == 0
+    assert "best valid UER" in capsys.readouterr().out
+    log = rows(tmp_path / "run")
+    best_update = min((2, 4), key=lambda u: log[u]["valid_uer"])
+    best = torch.load(tmp_path / "run/checkpoints/checkpoint_best.pt", weights_only=True)
+    assert best["num_updates"] == best_update and best["best_valid_uer"] == log[best_update]["valid_uer"]
+    assert "best_valid_wer" not in best
+    with pytest.raises(InputError, match="run.best_metric: 'wer' must be one of valid_wer, valid_uer, valid_loss"):
+        make_cfg(data, tiny_ckpt, tmp_path / "x", "run.best_metric=wer")
+
+
 class FixedLogits(nn.Module):
     """A stand-in model whose greedy paths spell given letter strings (one frame per letter)."""
 
@@ -101,6 +119,55 @@ class FixedLogits(nn.Module):
             for t, ids in enumerate(self.dictionary.encode(hyp)):  # ... but a letter at every other frame
                 logits[b, 2 * t + 1, 0], logits[b, 2 * t + 1, ids] = 0.0, 5.0
         return logits, None
+
+
+class GivenLogits(nn.Module):
+    """A stand-in model that returns fixed logits and frame padding."""
+
+    def __init__(self, logits: torch.Tensor, frame_padding: torch.Tensor | None):
+        super().__init__()
+        self.logits, self.frame_padding = logits, frame_padding
+
+    def forward(self, wav, padding_mask, cnn=None):
+        return self.logits, self.frame_padding
+
+
+def test_ctc_loss_of_the_task_on_hand_made_cases(data, tiny_ckpt, tmp_path):
+    """The task's CTC loss is -log of the summed probability of every path that collapses to
+    the target, enumerated by hand; padding frames are not read; an impossible target costs 0
+    (zero_infinity) instead of inf; the sample size is the number of sentences."""
+    task = ft.CTCFinetuning(make_cfg(data, tiny_ckpt, tmp_path / "x"))
+    a, b = task.dictionary.symbols[1], task.dictionary.symbols[2]
+    ia, ib = task.dictionary.encode([a, b])
+    V = len(task.dictionary)
+    probs = torch.full((3, 3, V), 1e-4)  # (utterance, frame, token), renormalized below
+    q = [(0.5, 0.3, 0.2), (0.6, 0.3, 0.1), (0.2, 0.7, 0.1)]  # frames: (blank, a, b)
+    for t, (pb, pa, pbb) in enumerate(q):
+        probs[:, t, 0], probs[:, t, ia], probs[:, t, ib] = pb, pa, pbb
+    probs = probs / probs.sum(-1, keepdim=True)
+    p = probs[0]
+    A, Bk = ia, ib
+    # target "a" in 3 frames: a--, -a-, --a, aa-, -aa, aaa
+    want_a = (p[0, A] * p[1, 0] * p[2, 0] + p[0, 0] * p[1, A] * p[2, 0] + p[0, 0] * p[1, 0] * p[2, A]
+              + p[0, A] * p[1, A] * p[2, 0] + p[0, 0] * p[1, A] * p[2, A] + p[0, A] * p[1, A] * p[2, A])
+    # target "a b" in 2 frames (the third is padding): only a b
+    want_ab = p[0, A] * p[1, Bk]
+    # target "a a" in 2 frames: impossible (a blank must separate them) -> 0, not inf
+    logits = probs.log()
+    frame_padding = torch.tensor([[False, False, False], [False, False, True], [False, False, True]])
+    batch = {"wav": torch.zeros(3, 960), "padding_mask": None,
+             "targets": torch.tensor([ia, ia, ib, ia, ia]), "target_lengths": torch.tensor([1, 2, 2])}
+    loss, sentences, logs = task.loss(GivenLogits(logits, frame_padding), batch)
+    assert float(sentences) == 3 and int(logs["frames"]) == 7 and int(logs["letters"]) == 5
+    torch.testing.assert_close(loss, -(want_a.log() + want_ab.log()), rtol=1e-5, atol=1e-5)
+    # each alone, and the padding frame of row 1 changes nothing
+    one, _, _ = task.loss(GivenLogits(logits[:1], None), {**batch, "wav": torch.zeros(1, 960),
+                          "targets": torch.tensor([ia]), "target_lengths": torch.tensor([1])})
+    torch.testing.assert_close(one, -want_a.log(), rtol=1e-5, atol=1e-5)
+    moved = logits.clone()
+    moved[1, 2] = torch.randn(V)
+    again, _, _ = task.loss(GivenLogits(moved, frame_padding), batch)
+    torch.testing.assert_close(again, loss, rtol=0, atol=0)
 
 
 def test_validation_wer_and_uer_against_jiwer(data, tiny_ckpt, tmp_path):
@@ -122,8 +189,9 @@ def test_validation_wer_and_uer_against_jiwer(data, tiny_ckpt, tmp_path):
     assert row["valid_uer"] == pytest.approx(100 * jiwer.cer(letter_refs, [h.replace(" ", "|") + "|" for h in hyps]))
 
 
-def test_interrupted_finetuning_resumes_exactly(data, tiny_ckpt, tmp_path, monkeypatch):
-    straight = ft.train(make_cfg(data, tiny_ckpt, tmp_path / "straight"))
+@pytest.mark.parametrize("extra", [(), ("model.cache_cnn=true",)], ids=["cnn", "cached_cnn"])
+def test_interrupted_finetuning_resumes_exactly(data, tiny_ckpt, tmp_path, monkeypatch, extra):
+    straight = ft.train(make_cfg(data, tiny_ckpt, tmp_path / "straight", *extra))
     assert straight["num_updates"] == 6
     real_step = loop.Trainer.train_step
 
@@ -134,7 +202,7 @@ def test_interrupted_finetuning_resumes_exactly(data, tiny_ckpt, tmp_path, monke
         return stats
 
     monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
-    cfg = make_cfg(data, tiny_ckpt, tmp_path / "resumed")
+    cfg = make_cfg(data, tiny_ckpt, tmp_path / "resumed", *extra)
     with pytest.raises(ft.Preempted, match="stopped by SIGUSR1 at update 2"):
         ft.train(cfg)
     monkeypatch.setattr(loop.Trainer, "train_step", real_step)
@@ -147,6 +215,33 @@ def test_interrupted_finetuning_resumes_exactly(data, tiny_ckpt, tmp_path, monke
     for name in wa["model"]:
         torch.testing.assert_close(wa["model"][name], wb["model"][name], rtol=0, atol=0, msg=name)
     torch.testing.assert_close(wa["ctc"]["head"], wb["ctc"]["head"], rtol=0, atol=0)
+
+
+def test_cached_cnn_gives_the_models_numbers(data, tiny_ckpt, tmp_path):
+    cfg = make_cfg(data, tiny_ckpt, tmp_path / "c", "model.cache_cnn=true", *DETERMINISTIC)
+    t = trainer(cfg)
+    batch = t.task.collate([t.dataset[i] for i in (0, 4, 2)])  # three lengths: two padded rows
+    assert batch["padding_mask"] is not None
+    t.model.eval()
+    with torch.no_grad():
+        want, frames = t.model(batch["wav"], batch["padding_mask"])
+        got, _ = t.model(batch["wav"], batch["padding_mask"], cnn=t.task.cached_cnn(batch))
+    assert sorted(t.task.cnn_cache) == [0, 2, 4]
+    valid = ~frames
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+    # one utterance's cached frames are its CNN output alone, whatever batch it came in
+    alone = t.model.encoder.cnn_features(t.dataset[2]["wav"].unsqueeze(0))[0]
+    torch.testing.assert_close(t.task.cnn_cache[2], alone, rtol=0, atol=0)
+    # training: the loss of the cached path is the loss of the model, and a second use hits the cache
+    t.model.train()
+    with torch.no_grad():
+        loss, sentences, _ = t.task.loss(t.model, batch)
+        ref, _, _ = t.task._ctc(t.model, batch)
+    cached = dict(t.task.cnn_cache)
+    t.task.cached_cnn(batch)
+    assert all(t.task.cnn_cache[i] is cached[i] for i in cached)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-3)
+    assert float(sentences) == 3
 
 
 def fixed_items(t: loop.Trainer) -> list[dict]:

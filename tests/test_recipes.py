@@ -75,3 +75,18 @@ def test_finetune_recipe_configs(split, updates, lr, channel_prob, layerdrop, fr
     assert cfg.run.out_dir.endswith(f"ft{split}")
     tiny = load_config(FinetuneConfig, ROOT / "recipes/tiny/finetune.yaml")
     assert tiny.run.init_from == "exp/tiny/pretrain/checkpoints/checkpoint_last.pt"
+
+
+def test_tiny_finetune_and_decode_recipes():
+    """The settings recipes/tiny/finetune.yaml documents as measured, its decode settings, and
+    the script that runs the comparison parses."""
+    from mt4ssl.finetune.config import FinetuneConfig
+    from mt4ssl.finetune.decode import BeamConfig
+
+    tiny = load_config(FinetuneConfig, ROOT / "recipes/tiny/finetune.yaml")
+    assert (tiny.model.mask_prob, tiny.model.mask_channel_prob, tiny.model.freeze_finetune_updates) == (0.0, 0.0, 0)
+    assert tiny.model.cache_cnn and tiny.run.best_metric == "valid_uer" and tiny.optim.lr == 1e-3
+    assert load_config(BeamConfig, ROOT / "recipes/tiny/decode.yaml") == BeamConfig(beam=500)
+    assert load_config(BeamConfig, ROOT / "recipes/librispeech/decode_4gram.yaml") == BeamConfig()
+    for script in ("finetune.sh", "reproduce.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "recipes/tiny" / script)], check=True)

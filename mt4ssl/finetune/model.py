@@ -7,6 +7,8 @@ As fairseq's `wav2vec_ctc` (Wav2VecEncoder + proj), with its fine-tuning behavio
   requires_grad False, so no graph is built through it and the optimizer never holds them;
 - `freeze_encoder = True` (the trainer sets it for the first `freeze_finetune_updates`
   updates) runs the whole encoder without gradients: only `proj` learns;
+- `cnn=` takes the CNN's output when it is already computed (fine-tuning's `model.cache_cnn`:
+  the frozen CNN runs once per training utterance, about a third of an update's CPU time);
 - in train mode the encoder masks time spans (mask_emb) and channel spans (zeros) at the rates
   of its config (mask_prob / mask_length, mask_channel_prob / mask_channel_length), then
   layerdrop and dropout act as configured; eval mode masks nothing.
@@ -49,13 +51,23 @@ class CTCModel(nn.Module):
         self.encoder.feature_extractor.requires_grad_(False)
         self.freeze_encoder = False
 
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """source (B, S) waveforms; padding_mask (B, S) bool, True = padding, or None.
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                cnn: torch.Tensor | None = None):
+        """source (B, S) waveforms; padding_mask (B, S) bool, True = padding, or None; cnn: the
+        frozen CNN's output (B, T, C) for `source` if already computed (`cnn_features`).
         Returns (logits (B, T, V), frame padding mask (B, T) or None)."""
         frozen = torch.no_grad() if self.freeze_encoder else contextlib.nullcontext()
         with frozen:
-            states, frame_padding = self.encoder.extract_features(source, padding_mask, mask=self.training)
+            states, frame_padding = self.encoder.extract_features(source, padding_mask, mask=self.training, cnn=cnn)
         return self.proj(self.final_dropout(states[-1])), frame_padding
+
+    @torch.no_grad()
+    def cnn_features(self, source: torch.Tensor) -> torch.Tensor:
+        """The frozen CNN's output (T, C) of one utterance (S,) alone, for a cache: the frames
+        of an utterance do not depend on the batch it is in (the CNN has no padding, the
+        waveform is normalized over its own samples, and the Transformer zeroes the padding
+        frames), and computing it alone makes the cached value the same in every run."""
+        return self.encoder.cnn_features(source.unsqueeze(0))[0]
 
     def output_lengths(self, frame_padding: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
         """(B,) valid frames of each row of `logits`."""

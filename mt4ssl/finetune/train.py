@@ -6,7 +6,9 @@ What fine-tuning adds to the loop:
   pretraining checkpoint, `mt4ssl convert fairseq` output, or a fine-tuned checkpoint) with
   the `model` section's dropout, layerdrop and masking, and a new Linear to the letters;
   the CNN frozen; the whole encoder frozen for the first `model.freeze_finetune_updates`
-  updates (only the projection learns);
+  updates (only the projection learns); `model.cache_cnn`: the frozen CNN's output of each
+  training utterance is computed once and kept in memory (its frames do not depend on the
+  batch; validation still runs the whole model);
 - data: `{split}.tsv` + `{split}.ltr` (fairseq letters, `|` after each word); the dictionary
   has the CTC blank at 0, then `data.dictionary` (a fairseq dict.ltr.txt) or the letters of
   the train split, most frequent first; it is saved in every checkpoint;
@@ -15,7 +17,7 @@ What fine-tuning adds to the loop:
   micro-batches and workers;
 - validation on `data.valid_split`: CTC loss per sentence, and greedy (Viterbi) decoding
   scored as WER (words: letters joined, split at `|`) and UER (letter tokens, `|` included),
-  both in %; checkpoint_best.pt is kept by valid_wer.
+  both in %; checkpoint_best.pt is kept by valid_wer (`run.best_metric`: or valid_uer, valid_loss).
 """
 
 from __future__ import annotations
@@ -100,19 +102,21 @@ class CTCFinetuning:
     """The fine-tuning task of the training loop (see mt4ssl/train/loop.py, `Task`)."""
 
     name = "finetune"
-    best_metric = "valid_wer"
     log_keys = ("loss", "lr", "encoder_frozen", "audio_s_per_s")
     # frozen updates and layerdrop leave parameters without gradients
     find_unused_parameters = True
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
+        self.best_metric = cfg.run.best_metric  # valid_wer unless the config says otherwise
         data = cfg.data
         self.dictionary = letter_dictionary(data)
         self.train_set = self._dataset(data.train_split)
         self.valid_set = self._dataset(data.valid_split, drop_unknown=True) if cfg.run.valid_interval else None
         self.collate = collate_letters
         self.frozen = False
+        self.model: CTCModel | None = None
+        self.cnn_cache: dict[int, torch.Tensor] = {}  # train item -> its CNN output (T, C) (model.cache_cnn)
 
     def _dataset(self, split: str, drop_unknown: bool = False) -> LetterDataset:
         folder = Path(self.cfg.data.manifest_dir)
@@ -126,7 +130,9 @@ class CTCFinetuning:
         if source is None:
             raise InputError("run.init_from: fine-tuning needs a pretrained checkpoint")
         encoder = self.cfg.model.encoder_config(pretrained_config(source["model_config"], where))
-        return CTCModel(encoder, len(self.dictionary), self.cfg.model.final_dropout)
+        self.model = CTCModel(encoder, len(self.dictionary), self.cfg.model.final_dropout)
+        self.cnn_cache.clear()
+        return self.model
 
     def checkpoint_state(self, model: CTCModel) -> dict:
         return ctc_state(model, self.dictionary)
@@ -160,8 +166,22 @@ class CTCFinetuning:
     def before_update(self, model: CTCModel, num_updates: int) -> None:
         self.frozen = model.freeze_encoder = num_updates < self.cfg.model.freeze_finetune_updates
 
-    def _ctc(self, net, batch: dict):
-        logits, frame_padding = net(batch["wav"], batch["padding_mask"])
+    def cached_cnn(self, batch: dict) -> torch.Tensor:
+        """The frozen CNN's output (B, T, C) of a training batch, each utterance computed once
+        (alone, see CTCModel.cnn_features) and kept; rows zero-padded (the Transformer zeroes
+        padding frames anyway)."""
+        wav, padding = batch["wav"], batch["padding_mask"]
+        lengths = [wav.shape[1]] * len(wav) if padding is None else (~padding).sum(-1).tolist()
+        rows = []
+        for b, (i, n) in enumerate(zip(batch["ids"].tolist(), lengths)):
+            if i not in self.cnn_cache:
+                self.cnn_cache[i] = self.model.cnn_features(wav[b, :n])
+            rows.append(self.cnn_cache[i])
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+    def _ctc(self, net, batch: dict, cnn: torch.Tensor | None = None):
+        logits, frame_padding = net(batch["wav"], batch["padding_mask"], cnn=cnn) if cnn is not None else \
+            net(batch["wav"], batch["padding_mask"])
         B, T = logits.shape[:2]
         lengths = torch.full((B,), T, device=logits.device) if frame_padding is None else (~frame_padding).sum(-1)
         log_probs = logits.float().log_softmax(-1)
@@ -170,7 +190,7 @@ class CTCFinetuning:
         return loss, log_probs, lengths
 
     def loss(self, net, batch: dict):
-        loss, _, lengths = self._ctc(net, batch)
+        loss, _, lengths = self._ctc(net, batch, self.cached_cnn(batch) if self.cfg.model.cache_cnn else None)
         sentences = torch.tensor(float(len(batch["target_lengths"])), device=loss.device)
         return loss, sentences, {"frames": lengths.sum(), "letters": batch["target_lengths"].sum()}
 
@@ -231,8 +251,13 @@ def run(args: argparse.Namespace) -> int:
     except loop.TrainingStopped as e:  # skipped updates in a row, weights not finite: said what to do
         print(f"mt4ssl finetune: {e}", file=sys.stderr)
         return 4
-    if isinstance(result, dict):
-        best = result.get("best_valid_wer")
-        extra = f", best valid WER {best:.2f} % (checkpoint_best.pt)" if best is not None and best < float("inf") else ""
+    if isinstance(result, dict) and "checkpoint" not in result:  # nothing to do: the run had finished
+        print(f"fine-tuning already finished: {result.get('num_updates')} updates; checkpoints in "
+              f"{Path(cfg.run.out_dir) / 'checkpoints'} (checkpoint_best.pt by {cfg.run.best_metric})")
+    elif isinstance(result, dict):
+        metric = cfg.run.best_metric
+        best = result.get(f"best_{metric}")
+        what = {"valid_wer": "valid WER {:.2f} %", "valid_uer": "valid UER {:.2f} %", "valid_loss": "valid loss {:.4g}"}
+        extra = f", best {what[metric].format(best)} (checkpoint_best.pt)" if best is not None and best < float("inf") else ""
         print(f"fine-tuning done: {result['num_updates']} updates; checkpoint {result.get('checkpoint')}{extra}")
     return 0

@@ -173,12 +173,19 @@ class MT4SSL(nn.Module):
 
     # ------------------------------------------------------------------ the pieces
 
-    def features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """Waveforms (B, S) [+ padding mask (B, S), True = padding] -> projected features
-        (B, T, D) and the frame padding mask (B, T) or None."""
+    def cnn_features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The CNN's output (B, T, C) of waveforms (B, S) (normalized first if configured)."""
         if self.cfg.normalize:
             wav = normalize_waveform(wav, padding_mask)
-        x = self.feature_extractor(wav).transpose(1, 2)
+        return self.feature_extractor(wav).transpose(1, 2)
+
+    def features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                 cnn: torch.Tensor | None = None):
+        """Waveforms (B, S) [+ padding mask (B, S), True = padding] -> projected features
+        (B, T, D) and the frame padding mask (B, T) or None. `cnn`: the CNN's output (B, T, C)
+        for these waveforms when it is already computed (fine-tuning's cache of a frozen CNN);
+        the waveforms then only give the lengths."""
+        x = self.cnn_features(wav, padding_mask) if cnn is None else cnn
         x = self.post_extract_proj(self.layer_norm(x))
         return x, frame_padding_mask(padding_mask, x.shape[1], self.cfg.conv_layers)
 
@@ -240,12 +247,13 @@ class MT4SSL(nn.Module):
         padding_mask: torch.Tensor | None = None,
         layers: int | None = None,
         mask: bool = False,
+        cnn: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Hidden states (HuBERT convention: input of layer 0 after pos conv + LayerNorm, then
         the output of each layer; `layers` + 1 entries if `layers` is given, else
         num_layers + 1) and the frame padding mask. mask=True (fine-tuning) masks time spans
-        with mask_emb and zeroes channel spans (mask_channel_prob) first."""
-        x, frame_padding = self.features(wav, padding_mask)
+        with mask_emb and zeroes channel spans (mask_channel_prob) first. `cnn`: see features()."""
+        x, frame_padding = self.features(wav, padding_mask, cnn)
         x = self.dropout_input(x)
         if mask:
             if self.cfg.mask_prob > 0:

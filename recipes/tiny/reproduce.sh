@@ -2,7 +2,8 @@
 # `make reproduce`: the paper's central comparison at CPU scale. MT4SSL (k-means + teacher),
 # HuBERT-like ([kmeans]) and data2vec-like ([teacher]) pretrained with the same recipe
 # (recipes/tiny/pretrain.yaml), budget, data and seeds, each probed the same way at several
-# checkpoints; writes results/reproduce.md and results/reproduce.png.
+# checkpoints; writes results/reproduce.md and results/reproduce.png. Then issue 9's fine-tuning
+# comparison (recipes/tiny/finetune.sh): results/librispeech_wer.md.
 #   bash recipes/tiny/reproduce.sh [--seeds "1 2"] [--updates N] [--points P] [--jobs J] [--exp DIR]
 # Every run resumes and every probe is skipped when its result exists, so a rerun continues.
 set -euo pipefail
@@ -76,4 +77,7 @@ first=$out/mt4ssl-seed${seeds%% *}/checkpoints/checkpoint_last.pt
 
 .venv/bin/python tools/reproduce_table.py --runs "$out" --command "make reproduce  # bash recipes/tiny/reproduce.sh" \
   --seconds "$(( $(date +%s) - t_start ))"
-echo "== done in $(( $(date +%s) - t_start )) s: results/reproduce.md, results/reproduce.png (runs in $out)"
+
+echo "== CTC fine-tuning of the demo checkpoint vs random init, 10 min and 1 h, greedy and LM (recipes/tiny/finetune.sh)"
+bash recipes/tiny/finetune.sh --exp "$exp" --jobs "$jobs"
+echo "== done in $(( $(date +%s) - t_start )) s: results/reproduce.md, results/reproduce.png (runs in $out), results/librispeech_wer.md"
