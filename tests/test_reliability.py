@@ -366,3 +366,29 @@ def test_bad_audio_mid_run_saves_then_names_the_file(prepared, tmp_path, monkeyp
                                          r"saved in .*checkpoint_last\.pt; fix the data"):
         trainer.fit()
     assert ckpt(tmp_path / "run" / "checkpoints" / "checkpoint_last.pt")["num_updates"] == 2
+
+
+def test_atomic_writes_keep_the_old_file_and_follow_the_umask(tmp_path):
+    """A failed write leaves the old content and no temporary file; a written file has the
+    permissions open() would give it (0666 minus the umask), not mkstemp's 0600."""
+    import os
+
+    from mt4ssl.utils.io import atomic_open, atomic_write_text
+
+    path = tmp_path / "labels.km"
+    atomic_write_text(path, "old\n")
+    with pytest.raises(RuntimeError, match="cut"):
+        with atomic_open(path) as f:
+            f.write("half")
+            raise RuntimeError("cut")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["labels.km"]
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(path, "new\n")
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        atomic_write_text(tmp_path / "other", "x")
+        assert (tmp_path / "other").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+    assert path.read_text() == "new\n"
