@@ -65,6 +65,43 @@ def test_sweep_folder_checks(tmp_path, tiny_ckpt):
         sweep.sweep("pr", tmp_path, tmp_path / "new", [-1.0], ckpt=tiny_ckpt)
 
 
+def test_one_job_per_run_folder(tmp_path, tiny_ckpt, monkeypatch):
+    """While one job runs a learning rate, a second job on the same folder stops with an error
+    naming it (and runs nothing); other rates are free; a finished (or killed) job's lock is gone."""
+    import multiprocessing
+
+    from mt4ssl.superb import runner
+    from mt4ssl.utils.io import exclusive_lock
+
+    ran = []
+    monkeypatch.setattr(runner, "superb", lambda task, data, folder, lr, **o: ran.append(lr) or
+                        write_run(folder, "pr", lr, dev=0.3, test=0.4))
+    out = tmp_path / "pr"
+    folder = sweep.lr_folder(out, 1e-2, "pr")
+    started, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold():
+        with exclusive_lock(folder, "test"):
+            started.set()
+            release.wait(30)
+
+    other = multiprocessing.get_context("fork").Process(target=hold)
+    other.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(InputError, match=rf"\.lr0\.01\.lock: the SUPERB run .*lr0\.01 is being written by "
+                                             rf"another process \(pid {other.pid}\)"):
+            sweep.sweep("pr", tmp_path, out, [1e-2], ckpt=tiny_ckpt)
+        assert ran == []
+        sweep.sweep("pr", tmp_path, out, [1e-3], ckpt=tiny_ckpt)  # the lock file does not upset the check
+        assert ran == [1e-3]
+    finally:
+        release.set()
+        other.join(30)
+    s = sweep.sweep("pr", tmp_path, out, [1e-2], ckpt=tiny_ckpt)
+    assert ran == [1e-3, 1e-2] and s["pending"] == [] and not list(out.glob(".*.lock"))
+
+
 def test_command_round_trips_through_the_cli_parser(tmp_path):
     from mt4ssl.cli import build_parser
 

@@ -14,8 +14,6 @@ an error naming the first one's pid instead of writing the same files.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import time
@@ -30,6 +28,7 @@ from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.features import mfcc
 from mt4ssl.utils.io import atomic_open, atomic_write_text
+from mt4ssl.utils.io import exclusive_lock as shard_lock
 
 
 @dataclass(frozen=True)
@@ -75,37 +74,6 @@ def dump_shard(kind: FeatureKind, manifest_path: Path, feat_dir: Path, split: st
             return prefixes[0]
         _write_shard(kind, manifest_path, prefixes, split, shard, nshard, progress)
     return prefixes[0]
-
-
-@contextlib.contextmanager
-def shard_lock(prefix: Path, what: str):
-    """Hold the exclusive lock of the output `prefix` (`.NAME.lock` beside it: `.S_i_n.lock` for
-    a shard); InputError when another process holds it."""
-    path = prefix.with_name(f".{prefix.name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise InputError(f"{path}: {what} is being written by another process (pid {holder}); "
-                             f"two jobs must not write the same files: let that one finish (a rerun "
-                             f"then keeps what it wrote) or stop it") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # locked the file that is there (not one its holder removed meanwhile)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still holding the lock: no one else can be using this file
-        os.close(fd)
 
 
 def _write_shard(kind: FeatureKind, manifest_path: Path, prefixes: list[Path], split: str,

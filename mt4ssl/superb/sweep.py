@@ -36,7 +36,7 @@ from pathlib import Path
 from mt4ssl.errors import InputError
 from mt4ssl.superb import runner
 from mt4ssl.superb.tasks import get_task
-from mt4ssl.utils.io import atomic_write_text
+from mt4ssl.utils.io import atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,10 @@ def sweep(task_name: str, data: Path, out: Path, lrs: list[float | None], **opti
         folder = lr_folder(out, lr, task_name)
         log.info("superb %s: learning rate %d/%d (%s) in %s", task_name, i + 1, len(lrs),
                  "s3prl's default" if lr is None else f"{lr:g}", folder)
-        runner.superb(task_name, data, folder, lr=lr, **options)
+        # one job per run folder: two (a job started twice, a sweep run by hand beside its SLURM
+        # jobs) would both write s3prl's states and logs; the second stops and names the folder
+        with exclusive_lock(folder, f"the SUPERB run {folder}"):
+            runner.superb(task_name, data, folder, lr=lr, **options)
         summary = update_summary(out, task_name, lrs, line)
     return summary
 
@@ -130,7 +133,8 @@ def _check_sweep_dir(out: Path) -> None:
     if not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     ours = {SUMMARY, ".lock", "slurm"}
-    other = [p.name for p in out.iterdir() if p.name not in ours and not (p.is_dir() and p.name.startswith("lr"))]
+    other = [p.name for p in out.iterdir() if p.name not in ours and not (p.is_dir() and p.name.startswith("lr"))
+             and not (p.name.startswith(".lr") and p.name.endswith(".lock"))]  # a run's (runner.superb)
     if other:
         raise InputError(f"--out {out}: not a sweep folder of `mt4ssl superb` (it holds {', '.join(sorted(other)[:3])}); "
                          f"give a new or empty folder")

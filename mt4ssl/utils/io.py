@@ -4,6 +4,7 @@ that name the file when it is not UTF-8 text."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -68,3 +69,37 @@ def read_text(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
                          f"expected a text file") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(prefix: Path, what: str):
+    """Hold the exclusive lock of the output `prefix` (`.NAME.lock` beside it: `.S_i_n.lock` for
+    a shard, `.lr1e-3.lock` for a SUPERB run's folder); InputError when another process holds it.
+    The lock is the kernel's (flock): a job that dies, even by kill -9, releases it."""
+    from mt4ssl.errors import InputError
+
+    path = prefix.with_name(f".{prefix.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{path}: {what} is being written by another process (pid {holder}); "
+                             f"two jobs must not write the same files: let that one finish (a rerun "
+                             f"then keeps what it wrote) or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # locked the file that is there (not one its holder removed meanwhile)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: no one else can be using this file
+        os.close(fd)
