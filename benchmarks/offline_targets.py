@@ -1,5 +1,6 @@
-"""Offline targets: the project's k-means (faiss) against scikit-learn MiniBatchKMeans with
-fairseq's simple_kmeans settings, on the same MFCC frames, and label-dump throughput.
+"""Offline targets: the project's k-means (`--backend lloyd`) against scikit-learn
+MiniBatchKMeans with fairseq's simple_kmeans settings, on the same MFCC frames, and label-dump
+throughput (the LibriSpeech-size figures: benchmarks/kmeans_scale.py).
 
     python benchmarks/offline_targets.py [--feat-dir exp/tiny/mfcc] [--nshard 2] [-k 100]
 
@@ -22,7 +23,7 @@ from report import write_section  # noqa: E402
 
 from mt4ssl.features.dump import iter_shards  # noqa: E402
 from mt4ssl.kmeans.apply import dump_labels  # noqa: E402
-from mt4ssl.kmeans.learn import KMeansModel, fit_faiss, fit_sklearn, inertia, sample_frames  # noqa: E402
+from mt4ssl.kmeans.learn import KMeansModel, fit_lloyd, fit_sklearn, inertia, sample_frames  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
 
     all_frames = np.concatenate([np.asarray(s.feats) for s in iter_shards(args.feat_dir, args.split, args.nshard)])
     rows, results = [], {}
-    for backend, fit in [("faiss (mt4ssl default)", fit_faiss), ("sklearn MiniBatchKMeans (fairseq settings)", fit_sklearn)]:
+    for backend, fit in [("lloyd (mt4ssl default)", fit_lloyd), ("sklearn MiniBatchKMeans (fairseq settings)", fit_sklearn)]:
         times, inertias = [], []
         fit(all_frames[: 20 * args.k], args.k, 0)  # warm-up: library loading, thread pools
         for seed in args.seeds:
@@ -51,11 +52,11 @@ def main() -> None:
         results[backend] = (np.median(times), np.mean(inertias))
         rows.append(f"| {backend} | {np.median(times):.2f} | {np.mean(inertias):.3f} "
                     f"(min {min(inertias):.3f}, max {max(inertias):.3f}) |")
-    (t_faiss, i_faiss), (t_sk, i_sk) = results.values()
+    (t_ours, i_ours), (t_sk, i_sk) = results.values()
 
     with tempfile.TemporaryDirectory() as tmp:
         km = Path(tmp) / "km.npz"
-        KMeansModel(fit_faiss(x, args.k, 0), {"k": args.k}).save(km)
+        KMeansModel(fit_lloyd(x, args.k, 0), {"k": args.k}).save(km)
         runs = [dump_labels(args.feat_dir, args.split, args.nshard, km,
                             args.manifest_dir / f"{args.split}.tsv", Path(tmp), progress=False)
                 for _ in range(3)]
@@ -70,8 +71,8 @@ nearest centroid.
 |---|---|---|
 {chr(10).join(rows)}
 
-- Speed-up of faiss over scikit-learn: **{t_sk / t_faiss:.1f}x**
-- Inertia of faiss relative to scikit-learn: **{(i_faiss / i_sk - 1) * 100:+.2f}%**
+- Speed-up of lloyd over scikit-learn: **{t_sk / t_ours:.1f}x**
+- Inertia of lloyd relative to scikit-learn: **{(i_ours / i_sk - 1) * 100:+.2f}%**
 - Label dump (nearest centroid + 50 Hz reduction + checks + write): **{fps:,.0f} frames/s** (median of 3)
 """
     print(body)

@@ -14,29 +14,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from mt4ssl.data.labels import write_dict
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.errors import InputError
 from mt4ssl.features.dump import iter_shards, shard_lock
-from mt4ssl.kmeans.learn import KMeansModel, limit_threads
+from mt4ssl.kmeans.learn import KMeansModel, Nearest, blocks, limit_threads, resolve_device
 from mt4ssl.models.cnn import FRAME_RATE, num_frames
 from mt4ssl.utils.io import atomic_open
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, return_distances: bool = False,
-            chunk: int = 1 << 18):
-    """Index of the nearest centroid (squared L2) for each row of x (exact, faiss flat index)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+            chunk: int = 1 << 15, device: str | torch.device = "cpu", engine: str = "auto"):
+    """Index of the nearest centroid (squared L2, exact) for each row of x: faiss's flat index
+    on CPU, torch on another device (`learn.Nearest`). x may be a large memory map: it is
+    read in chunks of `chunk` rows."""
+    device = torch.device(device)
+    find = Nearest(torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device), engine)
     idx = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), chunk):  # x may be a large memory map: read it in chunks
-        d, i = index.search(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), 1)
-        idx[s:s + chunk], dist[s:s + chunk] = i[:, 0], d[:, 0]
+    for s, xb in zip(range(0, len(x), chunk), blocks(x, device, chunk)):
+        i, d = find(xb)
+        idx[s:s + chunk], dist[s:s + chunk] = i.cpu().numpy(), d.cpu().numpy()
     return (idx, dist) if return_distances else idx
 
 
@@ -48,13 +49,15 @@ def to_model_rate(labels: np.ndarray, rate: int) -> np.ndarray:
 
 
 def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest_path: Path,
-                out_dir: Path, progress: bool = True, threads: int | None = None) -> dict:
+                out_dir: Path, progress: bool = True, threads: int | None = None,
+                device: str = "cpu") -> dict:
     """Label every utterance of `split`; write `{split}.km` and `dict.km.txt` atomically.
 
     `dict.km.txt` lists the symbols 0..K-1 with count 1 (as fairseq's HuBERT recipe writes
     it), so labelling several splits into one folder writes the same dictionary. One job
     writes a split's labels at a time (`locked_output`).
     """
+    device = resolve_device(str(device))
     model = KMeansModel.load(km_path)
     manifest = read_manifest(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,7 @@ def dump_labels(feat_dir: Path, split: str, nshard: int, km_path: Path, manifest
                 raise InputError(f"{feat_dir}: shard {shard.meta['shard']}/{nshard} starts at entry "
                                  f"{shard.meta['entries'][0]}, expected {i}")
             with limit_threads(threads):
-                ids = nearest(shard.feats, model.centroids)
+                ids = nearest(shard.feats, model.centroids, device=device)
             frames += len(ids)
             for lab in np.split(ids, np.cumsum(shard.lens)[:-1]):
                 lab = to_model_rate(lab, shard.meta["rate"])
@@ -112,11 +115,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nshard", type=int, default=1)
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: the libraries' own, usually all cores)")
+    p.add_argument("--device", default="cpu",
+                   help="where distances are computed: cpu (faiss), cuda, cuda:1, ... (torch)")
 
 
 def run(args: argparse.Namespace) -> int:
     s = dump_labels(args.feat_dir, args.split, args.nshard, args.km,
-                    args.manifest_dir / f"{args.split}.tsv", args.out, threads=args.threads)
+                    args.manifest_dir / f"{args.split}.tsv", args.out, threads=args.threads,
+                    device=args.device)
     print(f"{args.out / args.split}.km: {s['utterances']} utterances, "
           f"{s['feature_frames'] / s['seconds']:.0f} frames/s, {s['unused_clusters']} unused clusters")
     return 0

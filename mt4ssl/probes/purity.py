@@ -22,7 +22,7 @@ Label sources (each gives one result line and one entry of the JSON's "results")
   --ckpt CKPT --layer L ...  hidden states of a checkpoint (layer 0 = Transformer input;
       default all), one model pass for all layers; --random-init: the same architecture
       with fresh weights seeded by --seed. --mfcc: MFCC features instead of a model.
-      Each layer is clustered by k-means (`mt4ssl.kmeans.learn.fit_faiss`, k = --clusters)
+      Each layer is clustered by k-means (`mt4ssl.kmeans.learn.fit_lloyd`, k = --clusters)
       fitted on a seeded --fit-fraction of the frames of --fit-manifest, and applied to the
       aligned frames of --manifest.
   --classifier (with --ckpt or --mfcc): a frame-level linear phone classifier per layer:
@@ -73,7 +73,7 @@ from mt4ssl.features import mfcc
 from mt4ssl.features.extract import layer_kind
 from mt4ssl.probes.ctc import PHONES39, subset, torch_threads
 from mt4ssl.kmeans.apply import nearest
-from mt4ssl.kmeans.learn import fit_faiss, limit_threads
+from mt4ssl.kmeans.learn import fit_lloyd, limit_threads
 from mt4ssl.models.checkpoint import load_model
 from mt4ssl.models.cnn import SAMPLE_RATE, num_frames
 from mt4ssl.models.mt4ssl import MT4SSL
@@ -453,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
                                  f"k={args.clusters} clusters (raise --fit-fraction)")
             t0 = time.perf_counter()
             with limit_threads(args.threads):
-                centroids = fit_faiss(sample, args.clusters, args.seed)
+                centroids = fit_lloyd(sample, args.clusters, args.seed)
                 z = nearest(_concat(ev.aligned[layer]), centroids)
             result = {**source, "layer": name, "k": args.clusters, "fit_manifest": str(args.fit_manifest),
                       "fit_frames": len(sample), **cluster_quality(y, z),
