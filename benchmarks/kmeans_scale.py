@@ -108,7 +108,8 @@ def make_features(args, work: Path) -> str:
         src = {split: sample_frames(args.mfcc, split, args.mfcc_nshard, 1.0, 0)[0] for split in ("train", "test")}
         write_split(work, "train", tiled_chunks(src["train"], args.frames, 1), args.frames, 39, 100, args.nshard)
         write_split(work, "valid", tiled_chunks(src["test"], args.heldout, 2), args.heldout, 39, 100, 1)
-        return (f"MFCC 39-d of the tiny synthetic corpus (`{args.mfcc}`): {len(src['train']):,} train frames "
+        where = args.mfcc.relative_to(ROOT) if args.mfcc.is_relative_to(ROOT) else args.mfcc
+        return (f"MFCC 39-d of the tiny synthetic corpus (`{where}`): {len(src['train']):,} train frames "
                 f"tiled to {args.frames:,}, each copy plus Gaussian noise of 0.1 x each dimension's std; "
                 f"held out: the {len(src['test']):,} test-split frames tiled and noised the same way to "
                 f"{args.heldout:,}")
@@ -337,7 +338,9 @@ At that rate labelling HuBERT's 960 h (1.7e8 frames at 50 Hz) takes {1.7e8 / dum
 """
     print(body)
     if not args.no_write:
-        write_section(f"k-means at scale: {args.dim}-d", f"python benchmarks/kmeans_scale.py --dim {args.dim}", body)
+        command = " ".join(["python benchmarks/kmeans_scale.py", *sys.argv[1:]])
+        threads = os.environ.get("OMP_NUM_THREADS")
+        write_section(f"k-means at scale: {args.dim}-d", f"OMP_NUM_THREADS={threads} {command}" if threads else command, body)
 
 
 if __name__ == "__main__":

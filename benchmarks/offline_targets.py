@@ -11,6 +11,7 @@ to their nearest centroid. Writes its section of results/perf.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
+    load = os.getloadavg()
 
     all_frames = np.concatenate([np.asarray(s.feats) for s in iter_shards(args.feat_dir, args.split, args.nshard)])
     rows, results = [], {}
@@ -65,7 +67,8 @@ def main() -> None:
     body = f"""MFCC 39-d, {len(all_frames):,} frames at 100 Hz ({len(all_frames) / 360000:.2f} h) of split
 `{args.split}` in `{args.feat_dir}`; k = {args.k}; each fit on a {args.fraction:.0%} sample
 ({len(x):,} frames); seeds {args.seeds}, after one untimed warm-up fit each. Inertia = mean squared distance of all frames to the
-nearest centroid.
+nearest centroid. OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}; load average at the start
+{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, at the end {os.getloadavg()[0]:.1f} (1-min) on {os.cpu_count()} cores.
 
 | k-means | fit time, median (s) | inertia/frame, mean over seeds |
 |---|---|---|
