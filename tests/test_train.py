@@ -133,6 +133,39 @@ def test_gradient_accumulation_equals_one_big_batch(prepared, tmp_path):
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("per_micro_batch", [False, True])
+def test_ema_steps_once_per_update_or_once_per_micro_batch(prepared, tmp_path, per_micro_batch):
+    """Default: one EMA step per update, however the batch is split; fairseq's behaviour
+    (model.teacher.ema_per_micro_batch): one per micro-batch, so k steps towards the updated
+    student with run.update_freq=k. Checked against the EMA formula applied by hand."""
+    k = 3
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "ema", f"run.update_freq={k}",
+                                        f"model.teacher.ema_per_micro_batch={str(per_micro_batch).lower()}",
+                                        "model.teacher.ema_decay=0.9", "model.teacher.ema_end_decay=0.99",
+                                        "model.teacher.ema_anneal_updates=10"), distributed.Dist())
+    teacher = trainer.model.targets["teacher"]
+    with torch.no_grad():  # a teacher away from the student, so that each EMA step shows
+        for p in teacher.ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in teacher.ema.named_parameters()}
+    trainer.train_step(fixed_batches(trainer, [0, 1, 2], 1))
+    assert trainer.num_updates == 1
+    d = 0.9 + (0.99 - 0.9) * 1 / 10  # the decay at update 1
+    student = dict(trainer.model.encoder.named_parameters())
+    moved = 0
+    for name, p in teacher.ema.named_parameters():
+        expected = before[name].double()
+        s = student[name].detach().double()
+        if name.startswith("pos_conv."):
+            expected = s  # copied, not averaged
+        else:
+            for _ in range(k if per_micro_batch else 1):  # EMA steps one at a time
+                expected = d * expected + (1 - d) * s
+            moved += not torch.allclose(before[name].double(), s)
+        torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert moved > 10
+
+
 def _ddp_worker(rank: int, prepared: str, out: str, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

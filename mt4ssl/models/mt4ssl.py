@@ -11,6 +11,11 @@ Loss = sum over enabled targets of weight * (loss summed over masked frames); th
 divides by the number of masked frames across workers. Enabled targets: ("kmeans",) is
 the HuBERT-like ablation, ("teacher",) is data2vec, ("kmeans", "teacher") is MT4SSL.
 
+teacher.masks_per_sample M > 1 (data2vec 2.0's clone batch): the CNN and the teacher run
+once per utterance, the Transformer on M differently masked copies of it; the targets are
+repeated and the masked frames of all copies counted (data2vec 2.0's sample_size), so the
+loss is the mean over the copies. M = 1 is the paper.
+
 Parameter names are fairseq's data2vec-audio ones (`feature_extractor`, `layer_norm`,
 `post_extract_proj`, `mask_emb`, `encoder.*`); the heads and the teacher live under
 `targets.<kind>`.
@@ -213,20 +218,31 @@ class MT4SSL(nn.Module):
         padding_mask: torch.Tensor | None = None,
         mask_indices: torch.Tensor | None = None,
         labels: Mapping[str, torch.Tensor] | None = None,
+        masks_per_sample: int | None = None,
     ) -> PretrainOutput:
-        """wav (B, S) float; padding_mask (B, S) bool, True = padding; mask_indices (B, T)
-        bool to use instead of sampling; labels: label-set name -> (B, T) cluster ids."""
-        features, frame_padding = self.features(wav, padding_mask)
+        """wav (B, S) float; padding_mask (B, S) bool, True = padding; mask_indices (M * B, T)
+        bool to use instead of sampling; labels: label-set name -> (B, T) cluster ids;
+        masks_per_sample M: masked copies of each utterance for the student (None: the
+        config's teacher.masks_per_sample; copy m of utterance b is row b * M + m)."""
+        M = self.cfg.teacher.masks_per_sample if masks_per_sample is None else masks_per_sample
+        features, frame_padding = self.features(wav, padding_mask)  # the CNN runs once per utterance
+        student_in, student_padding = features, frame_padding
+        if M > 1:  # data2vec 2.0's clone batch: M rows per utterance, each masked differently
+            student_in = features.repeat_interleave(M, dim=0)
+            student_padding = None if frame_padding is None else frame_padding.repeat_interleave(M, dim=0)
         if mask_indices is None:
-            mask = self.sample_mask(features, frame_padding)
+            mask = self.sample_mask(student_in, student_padding)
         else:
             mask = torch.as_tensor(mask_indices, dtype=torch.bool, device=features.device)
-        x = self.apply_mask(self.dropout_input(features), mask)
-        hidden = self.encoder(x, frame_padding).x
+            if mask.shape != student_in.shape[:2]:
+                raise ValueError(f"mask_indices of shape {tuple(mask.shape)}: expected "
+                                 f"{tuple(student_in.shape[:2])} ({M} masked copies x {len(wav)} utterances)")
+        x = self.apply_mask(self.dropout_input(student_in), mask)
+        hidden = self.encoder(x, student_padding).x
         x = hidden[mask]  # student output at the masked frames
 
         batch = TargetBatch(features=features, padding_mask=frame_padding, mask=mask, labels=labels or {},
-                            hidden=hidden)
+                            hidden=hidden, copies=M)
         loss, losses, logs = x.new_zeros((), dtype=torch.float32), {}, {}
         for kind, target in self.targets.items():
             losses[kind], target_logs = target.loss(x, batch)
@@ -234,10 +250,11 @@ class MT4SSL(nn.Module):
             logs.update(target_logs)
         return PretrainOutput(loss=loss, losses=losses, sample_size=mask.sum(), logs=logs, mask=mask)
 
-    def update_targets(self, num_updates: int) -> None:
-        """Call once after every optimizer update (EMA teacher step)."""
+    def update_targets(self, num_updates: int, steps: int = 1) -> None:
+        """Call once after every optimizer update (EMA teacher step; `steps` EMA steps, see
+        TeacherConfig.ema_per_micro_batch)."""
         for target in self.targets.values():
-            target.step(self.encoder, num_updates)
+            target.step(self.encoder, num_updates, steps)
 
     # ------------------------------------------------------------------ inference, fine-tuning
 

@@ -24,10 +24,13 @@ class TargetBatch:
     features: (B, T, C) projected CNN features before input dropout and masking (the EMA
         teacher's input).
     padding_mask: (B, T) bool, True = padding frame; None when nothing is padded.
-    mask: (B, T) bool, True = masked frame; masked frames are never padding.
+    mask: (copies * B, T) bool, True = masked frame; masked frames are never padding.
     labels: label-set name -> (B, T) int64 frame labels (e.g. k-means cluster ids).
-    hidden: (B, T, C) the student's last-layer output at every frame (for a loss on the
-        unmasked frames too); None when the caller did not provide it.
+    hidden: (copies * B, T, C) the student's last-layer output at every frame (for a loss on
+        the unmasked frames too); None when the caller did not provide it.
+    copies: masked copies of each utterance the student saw (data2vec 2.0's clone batch,
+        `model.teacher.masks_per_sample`): rows b * copies ... b * copies + copies - 1 of
+        `mask` and `hidden` are utterance b; `repeat` expands a per-utterance tensor to them.
     """
 
     features: torch.Tensor
@@ -35,11 +38,16 @@ class TargetBatch:
     mask: torch.Tensor
     labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
+    copies: int = 1
+
+    def repeat(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-utterance tensor (B, ...) -> one row per student copy (copies * B, ...)."""
+        return x if x is None or self.copies == 1 else x.repeat_interleave(self.copies, dim=0)
 
     def unmasked(self) -> torch.Tensor:
-        """(B, T) bool: the frames that are neither masked nor padding."""
+        """(copies * B, T) bool: the frames that are neither masked nor padding."""
         keep = ~self.mask
-        return keep if self.padding_mask is None else keep & ~self.padding_mask
+        return keep if self.padding_mask is None else keep & ~self.repeat(self.padding_mask)
 
 
 class Target(nn.Module, abc.ABC):
@@ -52,5 +60,6 @@ class Target(nn.Module, abc.ABC):
         """x: (N, C) student output at the N masked frames (in `batch.mask` order).
         Returns (loss summed over the N frames, {log name: scalar tensor})."""
 
-    def step(self, student_encoder: nn.Module, num_updates: int) -> None:
-        """Called once after every optimizer update (the EMA teacher updates itself here)."""
+    def step(self, student_encoder: nn.Module, num_updates: int, steps: int = 1) -> None:
+        """Called once after every optimizer update (the EMA teacher updates itself here;
+        `steps`: EMA steps to take, see TeacherConfig.ema_per_micro_batch)."""

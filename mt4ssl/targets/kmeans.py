@@ -58,11 +58,11 @@ class KMeansTarget(Target):
                 raise ValueError(
                     f"the k-means target needs labels {name!r}; the batch has {sorted(batch.labels)}"
                 )
-            labels = batch.labels[name]
+            labels = batch.repeat(batch.labels[name])  # the same ids for every masked copy
             if labels.shape != batch.mask.shape:
                 raise ValueError(
-                    f"labels {name!r} have shape {tuple(labels.shape)}, the CNN frames are "
-                    f"{tuple(batch.mask.shape)} (one label per 20 ms frame expected)"
+                    f"labels {name!r} have shape {tuple(batch.labels[name].shape)}, the CNN frames are "
+                    f"{tuple(batch.features.shape[:2])} (one label per 20 ms frame expected)"
                 )
             y = labels[batch.mask]
             logits = head(x).float()

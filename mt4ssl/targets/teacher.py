@@ -34,8 +34,19 @@ class TeacherConfig:
     ema_end_decay: float = 0.9999  # ... annealed linearly to this ...
     ema_anneal_updates: int = 30000  # ... over this many updates, then constant
     loss_scale: float | None = None  # None: 1 / sqrt(dim)
+    # data2vec 2.0's clone batch: the CNN and the teacher run once per utterance, the student's
+    # Transformer on M differently-masked copies of it (k-means labels and teacher targets
+    # repeated); the loss stays normalised per masked frame, of all copies. 1 = the paper.
+    masks_per_sample: int = 1
+    # fairseq steps the EMA once per micro-batch (set_num_updates in every train_step), so with
+    # run.update_freq = k the teacher takes k steps per update (decay d^k). False: one step per
+    # update, whatever the split of the batch (the default). True reproduces the official runs.
+    ema_per_micro_batch: bool = False
 
     def __post_init__(self):
+        if self.masks_per_sample < 1:
+            raise ValueError(f"teacher.masks_per_sample {self.masks_per_sample} must be at least 1 "
+                             "(1: one masked copy per utterance, the paper)")
         for key in ("ema_decay", "ema_end_decay"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"teacher.{key} {getattr(self, key)} must be in [0, 1]")
@@ -108,18 +119,20 @@ class TeacherTarget(Target):
         self.ema.load_state_dict(student_encoder.state_dict())
 
     @torch.no_grad()
-    def step(self, student_encoder: nn.Module, num_updates: int) -> None:
+    def step(self, student_encoder: nn.Module, num_updates: int, steps: int = 1) -> None:
         """EMA update after optimizer update `num_updates`: teacher = d * teacher + (1 - d) *
-        student for layers and encoder LayerNorm; the positional conv is copied."""
+        student for layers and encoder LayerNorm; the positional conv is copied. `steps` EMA
+        steps towards the same student (fairseq's one per micro-batch): d becomes d^steps."""
         cfg = self.cfg
         self.decay = ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_updates)
+        keep = self.decay**steps
         student = dict(student_encoder.named_parameters())
         for name, p in self.ema.named_parameters():
             s = student[name].detach().float()
             if name.startswith("pos_conv."):
                 p.copy_(s)
             else:
-                p.lerp_(s, 1.0 - self.decay)
+                p.lerp_(s, 1.0 - keep)
 
     @torch.no_grad()
     def targets(self, batch: TargetBatch) -> torch.Tensor:
@@ -127,7 +140,7 @@ class TeacherTarget(Target):
         out = self.ema(batch.features.detach().float(), batch.padding_mask)
         top = out.ffn_outputs[-self.cfg.top_k :]
         y = sum(instance_norm(f, batch.padding_mask) for f in top) / len(top)
-        return y[batch.mask]
+        return batch.repeat(y)[batch.mask]  # one teacher pass, the targets of every masked copy
 
     def loss(self, x: torch.Tensor, batch: TargetBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         y = self.targets(batch)

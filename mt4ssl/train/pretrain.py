@@ -9,7 +9,8 @@ adds to it:
 - loss: sum over targets of weight * (loss summed over the masked frames); the sample size
   is the number of masked frames, so the loop's normalisation divides by the masked frames
   of all micro-batches and workers (fairseq's sample_size);
-- after every update the EMA teacher steps; the collapse guard checks the target and
+- after every update the EMA teacher steps (run.update_freq steps with
+  model.teacher.ema_per_micro_batch, fairseq's behaviour); the collapse guard checks the target and
   prediction stds (after `run.collapse_after` updates; the loop saves, then stops);
 - `run.init_from`: the encoder's weights must all be in the source (a pretraining
   checkpoint, a fine-tuned one, `mt4ssl convert fairseq`); prediction heads and the EMA
@@ -17,7 +18,7 @@ adds to it:
   without saved EMA weights starts as a copy of the student).
 
 Validation: the losses and accuracies on `data.valid_split` per masked frame, over "pad"
-batches. The mask of an utterance is drawn by the model's sample_mask with torch's RNG seeded
+batches, with one mask per utterance (also with model.teacher.masks_per_sample > 1). The mask of an utterance is drawn by the model's sample_mask with torch's RNG seeded
 from (seed, manifest line) alone, under `fork_rng`: it does not depend on the update, the
 batches or the number of workers, and the training RNG stream is left alone.
 checkpoint_best.pt is kept by valid_loss.
@@ -146,7 +147,9 @@ class Pretraining:
         return out.loss, out.sample_size, logs
 
     def after_update(self, model: MT4SSL, num_updates: int) -> None:
-        model.update_targets(num_updates)  # EMA teacher step
+        # EMA teacher step; fairseq's: one per micro-batch (model.teacher.ema_per_micro_batch)
+        steps = self.cfg.run.update_freq if model.cfg.teacher.ema_per_micro_batch else 1
+        model.update_targets(num_updates, steps)
 
     def check(self, stats: dict[str, float], num_updates: int) -> None:
         mean = {k: stats[k] / stats["micro_batches"]  # averaged over micro-batches and workers
@@ -181,7 +184,8 @@ class Pretraining:
         return {**collate([self.valid_set[i] for i in ids], mode="pad"), "mask": self.valid_mask(ids)}
 
     def valid_stats(self, model: MT4SSL, batch: dict) -> dict[str, torch.Tensor]:
-        out = model(batch["wav"], batch["padding_mask"], mask_indices=batch["mask"], labels=batch["labels"])
+        out = model(batch["wav"], batch["padding_mask"], mask_indices=batch["mask"], labels=batch["labels"],
+                    masks_per_sample=1)  # one fixed mask per utterance, whatever teacher.masks_per_sample
         frames = out.sample_size.float()
         values = {"frames": frames, "loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}
         for key, value in out.logs.items():  # loss_<labels> are sums; acc_*, *_std means: weighted
