@@ -14,9 +14,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from mt4ssl.cli import main
 from mt4ssl.config import load_config
@@ -24,6 +26,7 @@ from mt4ssl.data.dataset import collate
 from mt4ssl.errors import InputError
 from mt4ssl.models.checkpoint import write_state
 from mt4ssl.models.cnn import num_frames
+from mt4ssl.models.mt4ssl import MT4SSL
 from mt4ssl.targets import TrainingCollapsed
 from mt4ssl.train import distributed, pretrain
 from mt4ssl.train.checkpoint import CheckpointDir
@@ -164,6 +167,36 @@ def test_ema_steps_once_per_update_or_once_per_micro_batch(prepared, tmp_path, p
             moved += not torch.allclose(before[name].double(), s)
         torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
     assert moved > 10
+
+
+def test_normalize_before_crop_is_fairseqs_order(prepared, tmp_path):
+    """data.normalize_before_crop: each file normalised over its whole length, then cropped,
+    and the model does not normalise again; by default the model normalises the crop."""
+    d = distributed.Dist()
+    parity = pretrain.Trainer(make_cfg(prepared, tmp_path / "p", "data.normalize_before_crop=true",
+                                       "data.max_samples=32000"), d)
+    default = pretrain.Trainer(make_cfg(prepared, tmp_path / "d", "data.max_samples=32000"), d)
+    ds = parity.dataset
+    i = int(np.argmax(np.asarray(ds.manifest.sizes)[ds.indices]))  # the longest file: most of it cropped away
+    full = torch.from_numpy(ds.manifest.read(int(ds.indices[i]))).double()
+    assert len(full) > 50000 and len(ds[i]["wav"]) == 32000
+    whole = ((full - full.mean()) / torch.sqrt(full.var(unbiased=False) + 1e-5))[:32000]
+    torch.testing.assert_close(ds[i]["wav"].double(), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(default.dataset[i]["wav"].double(), full[:32000])  # raw samples
+    assert not torch.allclose(F.layer_norm(full[:32000], (32000,)), whole, atol=1e-3)  # the two orders differ
+
+    def loss(trainer, model=None):
+        batch = fixed_batches(trainer, [i, 0, 1], 3)[0]
+        torch.manual_seed(0)
+        if model is None:
+            return trainer.task.loss(trainer.model, batch)[0]
+        return model(batch["wav"], None, mask_indices=batch["mask"], labels=batch["labels"]).loss
+
+    plain = MT4SSL(dataclasses.replace(parity.model.cfg, normalize=False))  # reads its input as it is
+    plain.load_state_dict(parity.model.state_dict())
+    assert torch.equal(loss(parity), loss(parity, plain))
+    default.model.load_state_dict(parity.model.state_dict())
+    assert not torch.allclose(loss(default), loss(parity), rtol=1e-6)
 
 
 def _ddp_worker(rank: int, prepared: str, out: str, port: int) -> None:

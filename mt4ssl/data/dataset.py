@@ -6,7 +6,9 @@ utterances with their `.ltr` letter targets, zero-padded batches).
 fails at start, naming its file and line), skips utterances shorter than `min_samples` and
 crops the rest to at most `max_samples` from the start. `dataset[i]` is
 `{"id": i, "wav": (n,) float32, "labels": {name: (num_frames(n),) int64}}` with n the cropped
-length; `dataset.sizes` are those lengths (for `BucketBatchSampler`).
+length; `dataset.sizes` are those lengths (for `BucketBatchSampler`). With `normalize=True`
+(fairseq's order, `data.normalize_before_crop`) the waveform is normalised to zero mean and
+unit variance over the whole file before any crop (the model then must not normalise again).
 
 `collate(items, mode)` makes a batch of them:
 - "crop" (the official code's behaviour): every utterance is cropped from the start to the
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mt4ssl.data.labels import read_dict, read_labels
@@ -59,13 +62,13 @@ class PretrainDataset(Dataset):
     """
 
     def __init__(self, manifest_path: str | Path, label_sets: Mapping[str, str | Path] | None = None,
-                 min_samples: int = 32000, max_samples: int = 320000):
+                 min_samples: int = 32000, max_samples: int = 320000, normalize: bool = False):
         if num_frames(max_samples) < 1:
             raise InputError(f"max_samples={max_samples}: must be at least 400 (one 25 ms CNN frame)")
         if min_samples > max_samples:
             raise InputError(f"min_samples={min_samples} is larger than max_samples={max_samples}")
         self.manifest = read_manifest(manifest_path)
-        self.min_samples, self.max_samples = min_samples, max_samples
+        self.min_samples, self.max_samples, self.normalize = min_samples, max_samples, normalize
         full = np.asarray(self.manifest.sizes, dtype=np.int64)
         # manifest entry of each dataset item
         self.indices = np.flatnonzero(full >= min_samples)
@@ -112,12 +115,15 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = int(self.sizes[i])
-        wav = self.manifest.read(int(self.indices[i]))[:n]
+        wav = torch.from_numpy(self.manifest.read(int(self.indices[i])))
+        if self.normalize:  # over the whole file, then cropped (fairseq's F.layer_norm(wav, wav.shape))
+            wav = F.layer_norm(wav.float(), wav.shape)
+        wav = wav[:n]
         labels = {}
         for name, flat in self._labels.items():
             start, end = self._label_offsets[name][i], self._label_offsets[name][i + 1]
             labels[name] = torch.from_numpy(flat[start:end].astype(np.int64))
-        return {"id": i, "wav": torch.from_numpy(wav), "labels": labels}
+        return {"id": i, "wav": wav, "labels": labels}
 
 
 def collate(items: Sequence[dict], mode: str = "crop") -> dict:

@@ -178,19 +178,21 @@ class MT4SSL(nn.Module):
 
     # ------------------------------------------------------------------ the pieces
 
-    def cnn_features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The CNN's output (B, T, C) of waveforms (B, S) (normalized first if configured)."""
-        if self.cfg.normalize:
+    def cnn_features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                     normalized: bool = False) -> torch.Tensor:
+        """The CNN's output (B, T, C) of waveforms (B, S) (normalized first if configured and
+        the waveforms are not `normalized` already, e.g. over their whole file by the dataset)."""
+        if self.cfg.normalize and not normalized:
             wav = normalize_waveform(wav, padding_mask)
         return self.feature_extractor(wav).transpose(1, 2)
 
     def features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                 cnn: torch.Tensor | None = None):
+                 cnn: torch.Tensor | None = None, normalized: bool = False):
         """Waveforms (B, S) [+ padding mask (B, S), True = padding] -> projected features
         (B, T, D) and the frame padding mask (B, T) or None. `cnn`: the CNN's output (B, T, C)
         for these waveforms when it is already computed (fine-tuning's cache of a frozen CNN);
         the waveforms then only give the lengths."""
-        x = self.cnn_features(wav, padding_mask) if cnn is None else cnn
+        x = self.cnn_features(wav, padding_mask, normalized) if cnn is None else cnn
         x = self.post_extract_proj(self.layer_norm(x))
         return x, frame_padding_mask(padding_mask, x.shape[1], self.cfg.conv_layers)
 
@@ -219,13 +221,15 @@ class MT4SSL(nn.Module):
         mask_indices: torch.Tensor | None = None,
         labels: Mapping[str, torch.Tensor] | None = None,
         masks_per_sample: int | None = None,
+        normalized: bool = False,
     ) -> PretrainOutput:
         """wav (B, S) float; padding_mask (B, S) bool, True = padding; mask_indices (M * B, T)
         bool to use instead of sampling; labels: label-set name -> (B, T) cluster ids;
         masks_per_sample M: masked copies of each utterance for the student (None: the
-        config's teacher.masks_per_sample; copy m of utterance b is row b * M + m)."""
+        config's teacher.masks_per_sample; copy m of utterance b is row b * M + m);
+        normalized: wav is normalized already (data.normalize_before_crop)."""
         M = self.cfg.teacher.masks_per_sample if masks_per_sample is None else masks_per_sample
-        features, frame_padding = self.features(wav, padding_mask)  # the CNN runs once per utterance
+        features, frame_padding = self.features(wav, padding_mask, normalized=normalized)  # once per utterance
         student_in, student_padding = features, frame_padding
         if M > 1:  # data2vec 2.0's clone batch: M rows per utterance, each masked differently
             student_in = features.repeat_interleave(M, dim=0)

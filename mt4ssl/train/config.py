@@ -32,6 +32,9 @@ class DataConfig:
     min_samples: int = 32_000  # shorter utterances are skipped
     max_samples: int = 320_000  # longer ones are cropped (from the start)
     batch_mode: str = "crop"  # crop every utterance to the batch's shortest, or "pad"
+    # normalise each waveform over its whole file before cropping (fairseq's order, for parity;
+    # measured in results/perf.md) instead of the model normalising the cropped batch
+    normalize_before_crop: bool = False
     num_workers: int = 4  # DataLoader worker processes
 
 

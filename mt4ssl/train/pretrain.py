@@ -79,6 +79,8 @@ class Pretraining:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         data = cfg.data
+        # fairseq's order: the dataset normalises whole files, the model then does not normalise again
+        self.normalized = data.normalize_before_crop and cfg.model_config().normalize
         self.train_set = self._dataset(data.train_split)
         self.valid_set = self._valid_set() if cfg.run.valid_interval else None
         self.collate = functools.partial(collate, mode=data.batch_mode)
@@ -89,7 +91,7 @@ class Pretraining:
         data = self.cfg.data
         return PretrainDataset(Path(data.manifest_dir) / f"{split}.tsv",
                                {name: Path(folder) / f"{split}.km" for name, folder in data.labels.items()},
-                               data.min_samples, data.max_samples)
+                               data.min_samples, data.max_samples, normalize=self.normalized)
 
     def _valid_set(self) -> PretrainDataset:
         data = self.cfg.data
@@ -141,7 +143,8 @@ class Pretraining:
         pass
 
     def loss(self, net, batch: dict):
-        out = net(batch["wav"], batch["padding_mask"], mask_indices=batch.get("mask"), labels=batch["labels"])
+        out = net(batch["wav"], batch["padding_mask"], mask_indices=batch.get("mask"), labels=batch["labels"],
+                  normalized=self.normalized)
         logs = {f"loss_{kind}": value for kind, value in out.losses.items()}
         logs.update({k: v for k, v in out.logs.items() if k != "ema_decay"})  # std/accuracy: averaged in log_row
         return out.loss, out.sample_size, logs
@@ -185,7 +188,7 @@ class Pretraining:
 
     def valid_stats(self, model: MT4SSL, batch: dict) -> dict[str, torch.Tensor]:
         out = model(batch["wav"], batch["padding_mask"], mask_indices=batch["mask"], labels=batch["labels"],
-                    masks_per_sample=1)  # one fixed mask per utterance, whatever teacher.masks_per_sample
+                    masks_per_sample=1, normalized=self.normalized)  # one fixed mask per utterance
         frames = out.sample_size.float()
         values = {"frames": frames, "loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}
         for key, value in out.logs.items():  # loss_<labels> are sums; acc_*, *_std means: weighted
