@@ -7,11 +7,14 @@ Stages (each one `mt4ssl` command; sharded stages are job arrays; each waits for
   1 manifests        train = train-clean-100 + train-clean-360 + train-other-500 (linked into
                      one folder), valid = dev-other
   2 mfcc             39-d MFCC, 100 Hz, sharded
-  3 kmeans-mfcc      k-means, 100 clusters, 10% of the frames
+  3 kmeans-mfcc      k-means, 100 clusters, on 10% of the utterances (all their frames: fairseq's
+                     learn_kmeans.py --percent 0.1, as the published runs)
   4 labels-mfcc      50 Hz labels for train and valid
   5 hubert-iter1     first-iteration HuBERT-like Base on the MFCC labels
   6 layer6           layer-6 features of the iteration-1 model, sharded
-  7 kmeans-layer6    k-means, 500 clusters
+  7 kmeans-layer6    k-means, 500 clusters, 10% of the utterances (about 17 M frames x 768 = 53 GB
+                     in RAM, so the job asks for 64 GB: results/perf.md, "k-means at scale: 768-d";
+                     it reads only those utterances' features, about a tenth of the 530 GB)
   8 labels-hubert500 50 Hz labels for train and valid
   9 mt4ssl           MT4SSL Base pretraining on the hubert500 labels (+ EMA teacher)
 --local runs the same chain one stage after another in this process's machine (no SLURM).
@@ -66,7 +69,7 @@ def stages(work: Path, librispeech: Path, overrides: list[str]) -> list[Stage]:
                        "--nshard", str(SHARDS)], shards=SHARDS, params=cpu),
         Stage("mfcc-valid", ["features", "mfcc", str(m), "valid", str(mfcc)], params=cpu),
         Stage("kmeans-mfcc", ["kmeans", str(mfcc), "train", str(d / "labels_mfcc100" / "km.npz"),
-                              "--nshard", str(SHARDS), "-k", "100"], params=cpu),
+                              "--nshard", str(SHARDS), "-k", "100", "--sample", "utterances"], params=cpu),
         *both_splits("labels-mfcc", mfcc, d / "labels_mfcc100" / "km.npz", d / "labels_mfcc100"),
         Stage("hubert-iter1", ["pretrain", str(HERE / "hubert_iter1_base.yaml"), f"data.manifest_dir={m}",
                                f"data.labels={{mfcc100: {d / 'labels_mfcc100'}}}", f"run.out_dir={it1}",
@@ -78,7 +81,8 @@ def stages(work: Path, librispeech: Path, overrides: list[str]) -> list[Stage]:
                                "--out", str(l6), "--layers", "6", "--device", "cuda", "--precision", "auto"],
               params={"gpus_per_node": 1}),
         Stage("kmeans-layer6", ["kmeans", str(l6 / "layer6"), "train", str(d / "labels_hubert500" / "km.npz"),
-                                "--nshard", str(SHARDS), "-k", "500"], params={**cpu, "timeout_min": 720}),
+                                "--nshard", str(SHARDS), "-k", "500", "--sample", "utterances"],
+              params={**cpu, "timeout_min": 720, "mem_gb": 64}),
         *both_splits("labels-hubert500", l6 / "layer6", d / "labels_hubert500" / "km.npz", d / "labels_hubert500"),
         Stage("mt4ssl", ["pretrain", str(HERE / "mt4ssl_base.yaml"), f"data.manifest_dir={m}",
                          f"data.labels={{hubert500: {d / 'labels_hubert500'}}}",
