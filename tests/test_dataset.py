@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mt4ssl.cli import main
-from mt4ssl.data.dataset import PretrainDataset, collate
+from mt4ssl.data.dataset import PretrainDataset, bucket_length, collate
 from mt4ssl.data.labels import read_labels
 from mt4ssl.data.manifest import read_manifest
 from mt4ssl.data.sampler import BucketBatchSampler
@@ -127,6 +127,29 @@ def test_crop_collate_keeps_each_frame_with_its_label():
         cropped = cnn(batch["wav"][2:3])
     assert cropped.shape[-1] == t
     torch.testing.assert_close(cropped, whole[..., :t], rtol=1e-4, atol=1e-4)
+
+
+def test_bucket_length_rounds_down_to_a_multiple():
+    assert [bucket_length(n, 4000) for n in (3999, 4000, 4001, 7999, 8000, 320000)] == \
+        [3999, 4000, 4000, 4000, 8000, 320000]
+    assert bucket_length(12345, 1) == 12345
+    with pytest.raises(ValueError):
+        bucket_length(100, 0)
+    # between 2 s and 20 s, 250 ms buckets leave at most 73 crop lengths, whatever the data
+    rng = np.random.default_rng(0)
+    assert len({bucket_length(int(n), 4000) for n in rng.integers(32000, 320001, 5000)}) <= 73
+
+
+def test_crop_collate_rounds_the_crop_down_to_the_multiple():
+    lengths = [16719, 12345, 20000]
+    items = synthetic_items(lengths)
+    batch = collate(items, mode="crop", crop_multiple=4000)
+    m = 12000
+    assert batch["wav"].shape == (3, m) and batch["samples"] == 3 * m
+    for b, item in enumerate(items):
+        torch.testing.assert_close(batch["wav"][b], item["wav"][:m], rtol=0, atol=0)
+        assert batch["labels"]["a"][b].tolist() == item["labels"]["a"][:frames(m)].tolist()
+    assert collate(items, mode="pad", crop_multiple=4000)["wav"].shape == (3, 20000)  # "pad": unchanged
 
 
 def test_pad_collate_pads_waveforms_masks_and_labels():

@@ -208,7 +208,7 @@ def test_pretrain_forward_outputs_and_masks():
     labels = {"km": torch.randint(0, 4, (3, T))}
     out = model(wav, pad, labels=labels)
     assert set(out.losses) == {"kmeans", "teacher"}
-    assert {"target_std", "pred_std", "ema_decay", "acc_km", "loss_km"} <= set(out.logs)
+    assert {"target_std", "pred_std", "acc_km", "loss_km"} <= set(out.logs)
     counts = out.mask.sum(1)
     assert (counts == counts[0]).all() and counts[0] > 0  # require_same_masks
     assert not out.mask[2, num_frames(6000) :].any()  # never in padding

@@ -192,7 +192,7 @@ def test_regression_loss_l2_over_sqrt_dim():
     )
     loss, logs = teacher.loss(x, batch)
     assert loss.item() == pytest.approx((1.0 + 4.0) / math.sqrt(4))
-    assert set(logs) == {"target_std", "pred_std", "ema_decay"}
+    assert set(logs) == {"target_std", "pred_std"}
 
 
 def test_mean_std():

@@ -12,7 +12,9 @@ unit variance over the whole file before any crop (the model then must not norma
 
 `collate(items, mode)` makes a batch of them:
 - "crop" (the official code's behaviour): every utterance is cropped from the start to the
-  shortest one, m samples, and its labels to `num_frames(m)`. CNN frame t covers samples
+  shortest one, m samples, rounded down to a multiple of `crop_multiple` samples
+  (`bucket_length`; data.crop_multiple_ms, so that batch shapes repeat and a compiled model
+  is not recompiled for every new length), and its labels to `num_frames(m)`. CNN frame t covers samples
   [320t, 320t + 400), so the frames of the crop are exactly the first `num_frames(m)` frames
   of the whole utterance and label t stays the label of frame t.
 - "pad": waveforms are zero-padded to the longest (`padding_mask` True at padding) and
@@ -126,8 +128,17 @@ class PretrainDataset(Dataset):
         return {"id": i, "wav": wav, "labels": labels}
 
 
-def collate(items: Sequence[dict], mode: str = "crop") -> dict:
-    """Batch dataset items (see the module docstring for "crop" and "pad").
+def bucket_length(n: int, multiple: int) -> int:
+    """`n` rounded down to a multiple of `multiple` (1: n itself); n when it is shorter than
+    one multiple (nothing would be left)."""
+    if multiple < 1:
+        raise ValueError(f"multiple {multiple} must be at least 1")
+    return n if n < multiple else n - n % multiple
+
+
+def collate(items: Sequence[dict], mode: str = "crop", crop_multiple: int = 1) -> dict:
+    """Batch dataset items (see the module docstring for "crop" and "pad"; `crop_multiple`
+    applies to "crop" only).
 
     Returns {"ids": (B,) int64, "wav": (B, S) float32, "padding_mask": (B, S) bool (True =
     padding) or None, "labels": {name: (B, num_frames(S)) int64}, "samples": real samples}.
@@ -141,7 +152,7 @@ def collate(items: Sequence[dict], mode: str = "crop") -> dict:
     names = list(items[0]["labels"])
     ids = torch.tensor([item["id"] for item in items], dtype=torch.long)
     if mode == "crop":
-        m = min(lengths)
+        m = bucket_length(min(lengths), crop_multiple)
         t = num_frames(m)
         wav = torch.stack([item["wav"][:m] for item in items])
         labels = {name: torch.stack([item["labels"][name][:t] for item in items]) for name in names}

@@ -128,4 +128,6 @@ def frame_padding_mask(
     valid_frames = conv_output_lengths((~padding_mask).sum(-1), conv_layers)
     frames = torch.arange(n_frames, device=padding_mask.device)
     mask = frames[None, :] >= valid_frames[:, None]
+    if torch.compiler.is_compiling():  # bool() would be a graph break; an all-False mask is exact too
+        return mask
     return mask if bool(mask.any()) else None

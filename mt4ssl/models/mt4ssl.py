@@ -143,9 +143,9 @@ def normalize_waveform(
 @dataclass
 class PretrainOutput:
     loss: torch.Tensor  # sum over targets of weight * loss (each summed over masked frames)
-    losses: dict[str, torch.Tensor]  # per target kind, unweighted sums
+    losses: dict[str, torch.Tensor]  # per target kind, unweighted sums (detached)
     sample_size: torch.Tensor  # number of masked frames in this batch
-    logs: dict[str, torch.Tensor]  # e.g. target_std, pred_std, ema_decay, acc_hubert500
+    logs: dict[str, torch.Tensor]  # e.g. target_std, pred_std, acc_hubert500
     mask: torch.Tensor  # (B, T) the masked frames
 
 
@@ -222,12 +222,18 @@ class MT4SSL(nn.Module):
         labels: Mapping[str, torch.Tensor] | None = None,
         masks_per_sample: int | None = None,
         normalized: bool = False,
+        mask_positions: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """wav (B, S) float; padding_mask (B, S) bool, True = padding; mask_indices (M * B, T)
         bool to use instead of sampling; labels: label-set name -> (B, T) cluster ids;
         masks_per_sample M: masked copies of each utterance for the student (None: the
         config's teacher.masks_per_sample; copy m of utterance b is row b * M + m);
-        normalized: wav is normalized already (data.normalize_before_crop)."""
+        normalized: wav is normalized already (data.normalize_before_crop);
+        mask_positions: `masked_positions(mask_indices)` (M * B, n), given with it.
+
+        Under torch.compile pass both masks (the trainer's task samples them before the
+        forward): sampling draws on the host and boolean indexing has a data-dependent shape,
+        each a graph break; with positions the masked frames are gathered, a static shape."""
         M = self.cfg.teacher.masks_per_sample if masks_per_sample is None else masks_per_sample
         features, frame_padding = self.features(wav, padding_mask, normalized=normalized)  # once per utterance
         student_in, student_padding = features, frame_padding
@@ -243,15 +249,15 @@ class MT4SSL(nn.Module):
                                  f"{tuple(student_in.shape[:2])} ({M} masked copies x {len(wav)} utterances)")
         x = self.apply_mask(self.dropout_input(student_in), mask)
         hidden = self.encoder(x, student_padding).x
-        x = hidden[mask]  # student output at the masked frames
-
         batch = TargetBatch(features=features, padding_mask=frame_padding, mask=mask, labels=labels or {},
-                            hidden=hidden, copies=M)
+                            hidden=hidden, copies=M, positions=mask_positions)
+        x = batch.select(hidden)  # student output at the masked frames
         loss, losses, logs = x.new_zeros((), dtype=torch.float32), {}, {}
         for kind, target in self.targets.items():
-            losses[kind], target_logs = target.loss(x, batch)
-            loss = loss + target.weight * losses[kind]
-            logs.update(target_logs)
+            value, target_logs = target.loss(x, batch)
+            loss = loss + target.weight * value
+            losses[kind] = value.detach()  # for logs: only `loss` is differentiated (a compiled
+            logs.update(target_logs)       # backward failed on the unused gradients of these)
         return PretrainOutput(loss=loss, losses=losses, sample_size=mask.sum(), logs=logs, mask=mask)
 
     def update_targets(self, num_updates: int, steps: int = 1) -> None:

@@ -227,8 +227,14 @@ class TransformerEncoder(nn.Module):
 
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         hidden_states, ffn_outputs = [x], []
+        compiling = torch.compiler.is_compiling()
         for layer in self.layers[:num_layers]:
-            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+            if self.training and self.layerdrop > 0 and compiling:
+                # no data-dependent branch under torch.compile: the layer runs and its output
+                # is kept with probability 1 - layerdrop (same model, no layerdrop saving)
+                y, ffn = layer(x, attn_mask)
+                x = torch.where(torch.rand((), device=x.device) < self.layerdrop, x, y)
+            elif self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 ffn = None
             else:
                 x, ffn = layer(x, attn_mask)

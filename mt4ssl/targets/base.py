@@ -31,6 +31,10 @@ class TargetBatch:
     copies: masked copies of each utterance the student saw (data2vec 2.0's clone batch,
         `model.teacher.masks_per_sample`): rows b * copies ... b * copies + copies - 1 of
         `mask` and `hidden` are utterance b; `repeat` expands a per-utterance tensor to them.
+    positions: (copies * B, n) int64, the masked frames of each row in increasing order, when
+        every row has the same number n of them (`require_same_masks`; `masked_positions`),
+        else None. With it `select` is a gather of a shape known from the input shapes, so a
+        compiled step has no data-dependent shape (boolean indexing has one).
     """
 
     features: torch.Tensor
@@ -39,15 +43,34 @@ class TargetBatch:
     labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     copies: int = 1
+    positions: torch.Tensor | None = None
 
     def repeat(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """A per-utterance tensor (B, ...) -> one row per student copy (copies * B, ...)."""
         return x if x is None or self.copies == 1 else x.repeat_interleave(self.copies, dim=0)
 
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """x (copies * B, T, ...) at the masked frames: (N, ...), row by row, each row's frames in
+        order (the order and values of `x[mask]`)."""
+        if self.positions is None:
+            return x[self.mask]
+        index = self.positions.view(*self.positions.shape, *([1] * (x.dim() - 2)))
+        return x.gather(1, index.expand(-1, -1, *x.shape[2:])).flatten(0, 1)
+
     def unmasked(self) -> torch.Tensor:
         """(copies * B, T) bool: the frames that are neither masked nor padding."""
         keep = ~self.mask
         return keep if self.padding_mask is None else keep & ~self.repeat(self.padding_mask)
+
+
+def masked_positions(mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, n) int64 positions of the masked frames of each row of `mask` (B, T), when every
+    row has the same count n, else None. Call it outside a compiled region (it reads the
+    counts on the host)."""
+    counts = mask.sum(-1)
+    if mask.dim() != 2 or mask.shape[0] == 0 or bool((counts != counts[0]).any()):
+        return None
+    return mask.nonzero()[:, 1].view(mask.shape[0], int(counts[0]))
 
 
 class Target(nn.Module, abc.ABC):

@@ -64,7 +64,7 @@ class KMeansTarget(Target):
                     f"labels {name!r} have shape {tuple(batch.labels[name].shape)}, the CNN frames are "
                     f"{tuple(batch.features.shape[:2])} (one label per 20 ms frame expected)"
                 )
-            y = labels[batch.mask]
+            y = batch.select(labels)
             logits = head(x).float()
             ce = F.cross_entropy(logits, y, reduction="sum")
             total = total + ce
@@ -75,7 +75,9 @@ class KMeansTarget(Target):
                 if batch.hidden is None:
                     raise ValueError("kmeans.unmasked_weight > 0 needs the student output at every frame "
                                      "(TargetBatch.hidden)")
-                keep = batch.unmasked()
-                total = total + self.unmasked_weight * F.cross_entropy(
-                    head(batch.hidden[keep]).float(), labels[keep], reduction="sum")
+                # every frame, weighted by keep: no data-dependent shape (torch.compile)
+                keep = batch.unmasked().flatten().float()
+                ce_all = F.cross_entropy(head(batch.hidden).float().flatten(0, 1), labels.flatten(),
+                                         reduction="none")
+                total = total + self.unmasked_weight * (ce_all * keep).sum()
         return total, logs

@@ -140,17 +140,15 @@ class TeacherTarget(Target):
         out = self.ema(batch.features.detach().float(), batch.padding_mask)
         top = out.ffn_outputs[-self.cfg.top_k :]
         y = sum(instance_norm(f, batch.padding_mask) for f in top) / len(top)
-        return batch.repeat(y)[batch.mask]  # one teacher pass, the targets of every masked copy
+        return batch.select(batch.repeat(y))  # one teacher pass, the targets of every masked copy
 
     def loss(self, x: torch.Tensor, batch: TargetBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         y = self.targets(batch)
         pred = self.head(x).float()
         loss = (pred - y).square().sum() * self.scale
-        logs = {
-            "target_std": mean_std(y),
-            "pred_std": mean_std(pred),
-            "ema_decay": torch.tensor(self.decay),
-        }
+        # (the EMA decay, a float that changes every update, is not logged from here: a compiled
+        # forward would be recompiled for every new value; the task reads `self.decay`)
+        logs = {"target_std": mean_std(y), "pred_std": mean_std(pred)}
         return loss, logs
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from mt4ssl.config import config_from_dict, config_to_dict
 from mt4ssl.errors import InputError
+from mt4ssl.models.cnn import SAMPLE_RATE
 from mt4ssl.models.mt4ssl import PRESETS, ModelConfig
 from mt4ssl.utils.precision import PRECISIONS
 
@@ -35,6 +36,9 @@ class DataConfig:
     # normalise each waveform over its whole file before cropping (fairseq's order, for parity;
     # measured in results/perf.md) instead of the model normalising the cropped batch
     normalize_before_crop: bool = False
+    # "crop": the crop length is rounded down to a multiple of this many milliseconds, so batch
+    # shapes repeat (a compiled model, run.compile, then sees few shapes); 0: the exact shortest
+    crop_multiple_ms: int = 250
     num_workers: int = 4  # DataLoader worker processes
 
 
@@ -163,6 +167,10 @@ class PretrainConfig:
                            ("run.min_pred_std", run.min_pred_std)):
             if value < 0:
                 raise InputError(f"{key}: {value} must be at least 0")
+        if self.data.crop_multiple_ms < 0 or self.data.crop_multiple_ms * SAMPLE_RATE // 1000 > self.data.min_samples > 0:
+            raise InputError(f"data.crop_multiple_ms: {self.data.crop_multiple_ms} must be at least 0 (0: crop to "
+                             f"the exact shortest) and at most data.min_samples "
+                             f"({self.data.min_samples} samples = {self.data.min_samples * 1000 / SAMPLE_RATE:g} ms)")
         if self.data.batch_mode not in ("crop", "pad"):
             raise InputError(f"data.batch_mode: {self.data.batch_mode!r} is not one of ('crop', 'pad')")
         self.model_config()  # fail early on a bad model section

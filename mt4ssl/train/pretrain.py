@@ -38,9 +38,10 @@ import torch
 from mt4ssl.config import config_from_dict, config_to_dict, load_config
 from mt4ssl.data.dataset import PretrainDataset, collate
 from mt4ssl.errors import InputError
-from mt4ssl.models.cnn import conv_output_lengths
+from mt4ssl.models.cnn import SAMPLE_RATE, conv_output_lengths, frame_padding_mask, num_frames
 from mt4ssl.models.mt4ssl import MT4SSL, ModelConfig
 from mt4ssl.targets import CollapseGuard, TrainingCollapsed
+from mt4ssl.targets.base import masked_positions
 from mt4ssl.train import distributed, loop
 from mt4ssl.train.config import PretrainConfig
 from mt4ssl.train.loop import Preempted, on_preemption  # noqa: F401  (launch calls this module's hook)
@@ -51,6 +52,11 @@ log = logging.getLogger("mt4ssl.train")
 def valid_mask_seed(seed: int, utterance: int) -> int:
     """The torch seed of a validation utterance's mask (a stream apart from loop.seed_update's)."""
     return int(np.random.SeedSequence([seed, 0x7A11D, utterance]).generate_state(1)[0])
+
+
+def crop_multiple(ms: int) -> int:
+    """data.crop_multiple_ms in samples (0 ms: 1 sample, no rounding)."""
+    return max(1, ms * SAMPLE_RATE // 1000)
 
 
 def model_config(cfg: PretrainConfig, dataset: PretrainDataset) -> ModelConfig:
@@ -83,7 +89,8 @@ class Pretraining:
         self.normalized = data.normalize_before_crop and cfg.model_config().normalize
         self.train_set = self._dataset(data.train_split)
         self.valid_set = self._valid_set() if cfg.run.valid_interval else None
-        self.collate = functools.partial(collate, mode=data.batch_mode)
+        self.collate = functools.partial(collate, mode=data.batch_mode,
+                                         crop_multiple=crop_multiple(data.crop_multiple_ms))
         self.guard = CollapseGuard(cfg.run.min_target_std, cfg.run.min_pred_std, cfg.run.collapse_after)
         self.model: MT4SSL | None = None
 
@@ -142,9 +149,22 @@ class Pretraining:
     def before_update(self, model: MT4SSL, num_updates: int) -> None:
         pass
 
+    def sample_mask(self, batch: dict) -> torch.Tensor:
+        """The (B, T) span mask of a training batch, drawn as the model's forward would draw it
+        (the same torch RNG state, so the same mask), but before the forward: it runs on the
+        host, outside a compiled model (run.compile)."""
+        cfg, wav = self.model.cfg, batch["wav"]
+        M, frames = cfg.teacher.masks_per_sample, num_frames(wav.shape[1], cfg.conv_layers)
+        padding = frame_padding_mask(batch["padding_mask"], frames, cfg.conv_layers)
+        if M > 1 and padding is not None:  # the student's rows: M copies of each utterance
+            padding = padding.repeat_interleave(M, dim=0)
+        return self.model.sample_mask(wav.new_empty(M * wav.shape[0], frames), padding)
+
     def loss(self, net, batch: dict):
-        out = net(batch["wav"], batch["padding_mask"], mask_indices=batch.get("mask"), labels=batch["labels"],
-                  normalized=self.normalized)
+        # mask and positions are made here, outside the (maybe compiled) net: no graph break
+        mask = batch["mask"] if batch.get("mask") is not None else self.sample_mask(batch)
+        out = net(batch["wav"], batch["padding_mask"], mask_indices=mask, labels=batch["labels"],
+                  normalized=self.normalized, mask_positions=masked_positions(mask))
         logs = {f"loss_{kind}": value for kind, value in out.losses.items()}
         logs.update({k: v for k, v in out.logs.items() if k != "ema_decay"})  # std/accuracy: averaged in log_row
         return out.loss, out.sample_size, logs
