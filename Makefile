@@ -36,11 +36,15 @@ reproduce: setup
 test: setup
 	$(PY) -m pytest -q
 
+# on a CPU the GPU benchmark runs the tiny preset at a small batch; on a GPU: make bench GPU_BENCH=
+GPU_BENCH ?= --set model.preset=tiny model.teacher.top_k=3 --batch-samples 320000 --seconds 4 --updates 10 --warmup 2 --threads 1
 bench: setup
 	bash recipes/tiny/run.sh --stop-stage 4
 	$(PY) benchmarks/offline_targets.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/train_throughput.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/compile_step.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/gpu_throughput.py $(GPU_BENCH)
 
 # Re-pin the tested stack from the current venv.
 lock: $(STAMP)
