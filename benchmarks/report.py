@@ -1,8 +1,9 @@
 """Write one benchmark's section of a results file (results/perf.md by default, or e.g.
-results/reliability.md), keeping the other sections."""
+results/reliability.md), keeping the other sections; run a measurement in a fresh process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import re
@@ -39,3 +40,27 @@ def write_section(name: str, command: str, body: str, path: Path = PERF, header:
                          re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
     atomic_write_text(path, text)
+
+
+def _child(queue, fn, fn_args) -> None:
+    try:
+        queue.put(fn(*fn_args))
+    except BaseException as e:  # the parent re-raises it (it would wait for a result forever)
+        queue.put(RuntimeError(f"{type(e).__name__}: {e}"))
+        raise
+
+
+def in_fresh_process(fn, *fn_args):
+    """fn(*fn_args) in a fresh spawned process (not a Pool's daemon: the trainer's DataLoader
+    workers are its children)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, fn_args))
+    proc.start()
+    try:
+        result = queue.get()
+    finally:
+        proc.join()
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -24,7 +24,7 @@ def test_gpu_throughput_on_cpu(tmp_path):
     assert r["mode"] == "eager" and r["device"] == "cpu" and r["preset"] == "tiny"
     assert r["precision"] == resolve_precision("auto", "cpu")[0]  # auto, never bf16 forced
     assert r["batch"] == [2, 32000] and r["samples"] == 64000  # 2 utterances of 2 s fill the batch
-    assert r["audio_s_per_s"] > 0 and r["peak_gb"] > 0 and r["recompiles"] == 0
+    assert r["audio_s_per_s"] > 0 and r["peak_gb"] > 0 and r["compilations"] == 0
     body = gpu_throughput.report(results, {"config_name": "x.yaml", "set": SMALL, "batch_samples": 64000,
                                            "precision": "auto", "warmup": 1, "updates": 2, "load": "0"})
     assert "| eager |" in body and "1,760" in body and "not measured here" in body

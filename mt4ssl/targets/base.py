@@ -70,7 +70,7 @@ def masked_positions(mask: torch.Tensor) -> torch.Tensor | None:
     counts = mask.sum(-1)
     if mask.dim() != 2 or mask.shape[0] == 0 or bool((counts != counts[0]).any()):
         return None
-    return mask.nonzero()[:, 1].view(mask.shape[0], int(counts[0]))
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], int(counts[0])).contiguous()  # not a view: fewer symbols
 
 
 class Target(nn.Module, abc.ABC):

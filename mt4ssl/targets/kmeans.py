@@ -76,8 +76,7 @@ class KMeansTarget(Target):
                     raise ValueError("kmeans.unmasked_weight > 0 needs the student output at every frame "
                                      "(TargetBatch.hidden)")
                 # every frame, weighted by keep: no data-dependent shape (torch.compile)
-                keep = batch.unmasked().flatten().float()
-                ce_all = F.cross_entropy(head(batch.hidden).float().flatten(0, 1), labels.flatten(),
-                                         reduction="none")
-                total = total + self.unmasked_weight * (ce_all * keep).sum()
+                # (B, T) shapes, not flattened ones: B*T == B*T' made dynamo specialize T
+                ce_all = F.cross_entropy(head(batch.hidden).float().transpose(1, 2), labels, reduction="none")
+                total = total + self.unmasked_weight * (ce_all * batch.unmasked().float()).sum()
         return total, logs
