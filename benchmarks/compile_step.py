@@ -87,7 +87,7 @@ def main() -> None:
     body = f"""Tiny recipe (`{a.config.relative_to(ROOT) if a.config.resolve().is_relative_to(ROOT) else a.config}` {' '.join(a.set)}),
 `Trainer.train_step` over the first {a.updates} batches of its DataLoader (the same in both modes), each mode
 in a fresh process; precision {comp['precision']} (`run.precision: auto`), {comp['threads']} torch thread(s),
-data.crop_multiple_ms {comp['crop_multiple_ms']}; torch {torch.__version__}, `torch.compile(..., dynamic=True)`
+data.crop_multiple_ms {comp['crop_multiple_ms']}; torch {torch.__version__}, `torch.compile(...)` (automatic dynamic shapes)
 (mt4ssl/train/loop.py), `torch.backends.cpu.get_cpu_capability()` = {torch.backends.cpu.get_cpu_capability()};
 load average before the run {load} (2 cores shared with other jobs: times are upper bounds, the ratio is
 what was measured side by side).

@@ -198,10 +198,11 @@ class Trainer:
                 self.model, device_ids=[d.device] if d.device.type == "cuda" else None,
                 find_unused_parameters=task.find_unused_parameters)
         if run.compile:
-            # dynamic shapes from the first compile: batch size, crop length and masked-frame
-            # count vary between batches; one graph serves them all (without it dynamo
-            # recompiles once per input dimension that changes before marking it dynamic)
-            self.net = torch.compile(self.net, dynamic=True)
+            # torch's automatic dynamic shapes: the first batch compiles a static graph, a batch
+            # of another size, crop length or mask count recompiles with those dimensions
+            # dynamic. (dynamic=True from the start, torch 2.8: the label length stayed static,
+            # a graph guarded frames <= the longest seen, and one failed a stride assertion.)
+            self.net = torch.compile(self.net)
         self.num_updates, self.overflows = 0, 0
         self.nonfinite = 0  # updates skipped for a non-finite loss or gradient norm, in all
         self.skipped_in_a_row = 0  # updates skipped (non-finite or fp16 overflow) since the last applied one

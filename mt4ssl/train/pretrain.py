@@ -164,11 +164,6 @@ class Pretraining:
         # mask and positions are made here, outside the (maybe compiled) net: no graph break
         mask = batch["mask"] if batch.get("mask") is not None else self.sample_mask(batch)
         positions = masked_positions(mask)
-        if self.cfg.run.compile:  # batch size, lengths and mask counts vary: one dynamic graph
-            for t in (batch["wav"], mask, positions, *batch["labels"].values()):
-                if t is not None:  # (the labels in their dict stayed static under dynamic=True)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
         out = net(batch["wav"], batch["padding_mask"], mask_indices=mask, labels=batch["labels"],
                   normalized=self.normalized, mask_positions=positions)
         logs = {f"loss_{kind}": value for kind, value in out.losses.items()}
