@@ -29,7 +29,7 @@ from report import in_fresh_process, write_section  # noqa: E402
 
 from mt4ssl.config import load_config  # noqa: E402
 from mt4ssl.train import distributed  # noqa: E402
-from mt4ssl.train.config import PretrainConfig  # noqa: E402
+from mt4ssl.train.config import COMPILE_CROP_MS, PretrainConfig  # noqa: E402
 from mt4ssl.train.pretrain import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,8 @@ def run_mode(compiled: bool, args: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(PretrainConfig, args["config"], [
             f"run.out_dir={out}", f"run.compile={compiled}", "run.valid_interval=0",
-            f"run.max_updates={args['updates'] + 1}", *args["set"]])
+            f"run.max_updates={args['updates'] + 1}",
+            f"data.crop_multiple_ms={COMPILE_CROP_MS}", *args["set"]])  # both arms: the same batch shapes
         d = distributed.setup(cfg.run.device)
         trainer = Trainer(cfg, d)
         try:
@@ -62,7 +63,7 @@ def run_mode(compiled: bool, args: dict) -> dict:
             "compilations": counters["frames"]["ok"], "graph_breaks": sum(counters["graph_break"].values()),
             "graphs": counters["stats"]["unique_graphs"], "slow": sum(t > 5 * statistics.median(times) for t in times),
             "last_loss": losses[-1], "threads": torch.get_num_threads(),
-            "crop_multiple_ms": cfg.data.crop_multiple_ms}
+            "crop_multiple_ms": cfg.crop_ms()}
 
 
 def main() -> None:

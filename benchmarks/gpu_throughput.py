@@ -52,7 +52,7 @@ from mt4ssl.data.dataset import bucket_length  # noqa: E402
 from mt4ssl.data.labels import write_dict  # noqa: E402
 from mt4ssl.models.cnn import SAMPLE_RATE, num_frames  # noqa: E402
 from mt4ssl.train import distributed  # noqa: E402
-from mt4ssl.train.config import PretrainConfig  # noqa: E402
+from mt4ssl.train.config import COMPILE_CROP_MS, PretrainConfig  # noqa: E402
 from mt4ssl.train.loop import peak_memory_gb  # noqa: E402
 from mt4ssl.train.pretrain import Trainer, crop_multiple  # noqa: E402
 
@@ -103,7 +103,8 @@ def run_mode(mode: str, args: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = load_config(PretrainConfig, args["config"], ["run.out_dir=unused", *args["set"]])
-        multiple = crop_multiple(base.data.crop_multiple_ms)
+        ms = base.data.crop_multiple_ms
+        multiple = crop_multiple(COMPILE_CROP_MS if ms is None else ms)  # equal-length utterances of it
         n, per_batch = make_corpus(tmp / "data", args["batch_samples"], args["seconds"], multiple, batches=2)
         cfg = load_config(PretrainConfig, args["config"], [
             f"data.manifest_dir={tmp / 'data'}", f"data.labels={{{LABELS}: {tmp / 'data' / 'labels'}}}",

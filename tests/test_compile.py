@@ -24,6 +24,10 @@ def test_crop_lengths_are_multiples_of_crop_multiple_ms(prepared, tmp_path):  # 
     exact = pretrain.Trainer(make_cfg(prepared, tmp_path / "run0", "data.crop_multiple_ms=0"),
                              distributed.setup("cpu"))
     assert {batch["wav"].shape[1] for batch in exact.loader} == {min(exact.dataset.sizes[b]) for b in exact.sampler.batches}
+    # the default: exact crops when eager (fairseq's), 250 ms buckets under run.compile
+    assert make_cfg(prepared, tmp_path / "d").crop_ms() == 0
+    assert make_cfg(prepared, tmp_path / "d", "run.compile=true").crop_ms() == 250
+    assert make_cfg(prepared, tmp_path / "d", "run.compile=true", "data.crop_multiple_ms=0").crop_ms() == 0
     with pytest.raises(InputError, match="data.crop_multiple_ms"):
         make_cfg(prepared, tmp_path / "bad", "data.crop_multiple_ms=-1")
     with pytest.raises(InputError, match="data.crop_multiple_ms"):

@@ -23,6 +23,9 @@ from mt4ssl.models.mt4ssl import PRESETS, ModelConfig
 from mt4ssl.utils.precision import PRECISIONS
 
 
+COMPILE_CROP_MS = 250  # data.crop_multiple_ms by default under run.compile
+
+
 @dataclass(frozen=True)
 class DataConfig:
     manifest_dir: str  # folder with {split}.tsv
@@ -38,7 +41,8 @@ class DataConfig:
     normalize_before_crop: bool = False
     # "crop": the crop length is rounded down to a multiple of this many milliseconds, so batch
     # shapes repeat (a compiled model, run.compile, then sees few shapes); 0: the exact shortest
-    crop_multiple_ms: int = 250
+    # (fairseq's); None: COMPILE_CROP_MS with run.compile, else 0 (eager runs crop exactly)
+    crop_multiple_ms: int | None = None
     num_workers: int = 4  # DataLoader worker processes
 
 
@@ -167,13 +171,19 @@ class PretrainConfig:
                            ("run.min_pred_std", run.min_pred_std)):
             if value < 0:
                 raise InputError(f"{key}: {value} must be at least 0")
-        if self.data.crop_multiple_ms < 0 or self.data.crop_multiple_ms * SAMPLE_RATE // 1000 > self.data.min_samples > 0:
-            raise InputError(f"data.crop_multiple_ms: {self.data.crop_multiple_ms} must be at least 0 (0: crop to "
+        ms = self.data.crop_multiple_ms
+        if ms is not None and (ms < 0 or ms * SAMPLE_RATE // 1000 > self.data.min_samples > 0):
+            raise InputError(f"data.crop_multiple_ms: {ms} must be at least 0 (0: crop to "
                              f"the exact shortest) and at most data.min_samples "
                              f"({self.data.min_samples} samples = {self.data.min_samples * 1000 / SAMPLE_RATE:g} ms)")
         if self.data.batch_mode not in ("crop", "pad"):
             raise InputError(f"data.batch_mode: {self.data.batch_mode!r} is not one of ('crop', 'pad')")
         self.model_config()  # fail early on a bad model section
+
+    def crop_ms(self) -> int:
+        """data.crop_multiple_ms as used: its default (None) is COMPILE_CROP_MS under run.compile, else 0."""
+        ms = self.data.crop_multiple_ms
+        return ms if ms is not None else (COMPILE_CROP_MS if self.run.compile else 0)
 
     def model_config(self) -> ModelConfig:
         """The model section: a preset with its fields overridden (nested sections merge)."""

@@ -90,7 +90,7 @@ class Pretraining:
         self.train_set = self._dataset(data.train_split)
         self.valid_set = self._valid_set() if cfg.run.valid_interval else None
         self.collate = functools.partial(collate, mode=data.batch_mode,
-                                         crop_multiple=crop_multiple(data.crop_multiple_ms))
+                                         crop_multiple=crop_multiple(cfg.crop_ms()))
         self.guard = CollapseGuard(cfg.run.min_target_std, cfg.run.min_pred_std, cfg.run.collapse_after)
         self.model: MT4SSL | None = None
 
