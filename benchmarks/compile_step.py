@@ -82,6 +82,9 @@ def main() -> None:
         res.append(in_fresh_process(run_mode, compiled, args))
         print(res[-1], flush=True)
     eager, comp = res
+    limit = torch._dynamo.config.recompile_limit
+    bounded = (f"- dynamo's `recompile_limit` ({limit}) was reached: later new shapes ran the forward eagerly, "
+               f"so the steady median mixes compiled and eager updates.\n" if comp["compilations"] >= limit else "")
     rows = [f"| {'compiled' if r['compiled'] else 'eager'} | {r['first_s']:.1f} | {r['steady_s']:.3f} | "
             f"{eager['steady_s'] / r['steady_s']:.2f}x | {r['total_s']:.0f} | {r['shapes']} | {r['compilations']} | "
             f"{r['graph_breaks']} | {r['graphs']} | {r['slow']} | {r['last_loss']:.4f} |" for r in res]
@@ -100,7 +103,7 @@ what was measured side by side).
 - Compilations, graph breaks, graphs: torch._dynamo.utils.counters of the process (`frames.ok`,
   `graph_break`, `stats.unique_graphs`; eager: 0); dynamo keeps no recompile counter: with one
   compiled forward and no break, compilations - 1 are the recompiles. "updates > 5x median": updates that compiled again.
-- Break-even: the compile costs {comp['first_s'] - eager['first_s']:.0f} s more than an eager first update; at the
+{bounded}- Break-even: the compile costs {comp['first_s'] - eager['first_s']:.0f} s more than an eager first update; at the
   steady-state difference it is repaid after {max(0.0, (comp['first_s'] - eager['first_s'])) / max(1e-9, eager['steady_s'] - comp['steady_s']):.0f} updates
   (if the compiled step is faster).
 """
