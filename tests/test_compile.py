@@ -11,8 +11,9 @@ from mt4ssl.errors import InputError
 from mt4ssl.train import distributed, pretrain
 from tests.test_train import make_cfg, prepared  # noqa: F401  (the fixture)
 
-# batches of 2 utterances (ranks in length order) whose crops are 32000, 40000 and 48000 samples
-PAIRS = [(0, 1), (4, 5), (6, 7)]
+# batches of 2 utterances (ranks in length order) whose crops are 32000, 40000, 48000 and 36000
+# samples: after the first two, a longer crop than any compiled for, then one in between
+PAIRS = [(0, 1), (4, 5), (6, 7), (3, 4)]
 
 
 def test_crop_lengths_are_multiples_of_crop_multiple_ms(prepared, tmp_path):  # noqa: F811
@@ -47,7 +48,9 @@ def test_compiled_step_equals_eager_in_one_graph(prepared, tmp_path, monkeypatch
     results = {}
     for mode in ("eager", "compiled"):
         trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / mode, f"run.compile={mode == 'compiled'}",
-                                            "run.precision=fp32", "model.layerdrop=0.0"), distributed.setup("cpu"))
+                                            "run.precision=fp32", "model.layerdrop=0.0",
+                                            "data.crop_multiple_ms=250"),  # both modes: the same crops
+                                   distributed.setup("cpu"))
         shapes, losses, order = [], [], trainer.dataset.sizes.argsort(kind="stable")
         for pair in PAIRS:
             batch = trainer.task.collate([trainer.dataset[int(order[r])] for r in pair])
@@ -55,11 +58,13 @@ def test_compiled_step_equals_eager_in_one_graph(prepared, tmp_path, monkeypatch
             stats = trainer.train_step([batch])
             losses.append(stats["loss"] / stats["sample_size"])
         results[mode] = losses, {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    assert len(set(shapes)) == 3, shapes  # three crop lengths, three mask counts
+    assert len({n for _, n in shapes}) == len(PAIRS), shapes  # four crop lengths (and mask counts)
     torch.testing.assert_close(results["compiled"][0], results["eager"][0], rtol=1e-4, atol=1e-5)
     for key, value in results["eager"][1].items():
         torch.testing.assert_close(results["compiled"][1][key], value, rtol=1e-3, atol=1e-5, msg=key)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    # three shapes, at most one compilation each (automatic dynamic shapes: the second makes the
-    # changed dimensions dynamic); dynamo counts no recompiles itself, frames.ok counts compilations
-    assert 1 <= counters["frames"]["ok"] <= len(PAIRS)
+    # bounded recompilation: the first crop length compiles a static graph, the second one with
+    # the changed dimensions dynamic (automatic dynamic shapes), which every later length reuses
+    # (with inductor's layout optimization each longer crop compiled again, issue 11);
+    # dynamo counts no recompiles itself, frames.ok counts compilations
+    assert 1 <= counters["frames"]["ok"] <= 2, counters["frames"]["ok"]

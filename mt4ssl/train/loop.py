@@ -202,7 +202,12 @@ class Trainer:
             # of another size, crop length or mask count recompiles with those dimensions
             # dynamic. (dynamic=True from the start, torch 2.8: the label length stayed static,
             # a graph guarded frames <= the longest seen, and one failed a stride assertion.)
-            self.net = torch.compile(self.net)
+            # No inductor layout optimization: with it the static first graph (the CNN's convs
+            # have static shapes there) keeps attention tensors channels-last, and the dynamic
+            # graph's backward re-strides its saved tensors to those concrete strides, a guard
+            # frames <= (or ==) the frames of the batch that compiled it, so every longer crop
+            # recompiled and the label length looked static (torch 2.8; issue 11).
+            self.net = torch.compile(self.net, options={"layout_optimization": False})
         self.num_updates, self.overflows = 0, 0
         self.nonfinite = 0  # updates skipped for a non-finite loss or gradient norm, in all
         self.skipped_in_a_row = 0  # updates skipped (non-finite or fp16 overflow) since the last applied one
