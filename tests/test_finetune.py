@@ -111,7 +111,7 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.dictionary, self.hyps = dictionary, hyps
 
-    def forward(self, wav, padding_mask):
+    def forward(self, wav, padding_mask, cnn=None):
         T = 2 * max(len(h) for h in self.hyps) + 1
         logits = torch.zeros(len(self.hyps), T, len(self.dictionary))
         logits[:, :, 0] = 1.0  # blank everywhere ...

@@ -180,8 +180,7 @@ class CTCFinetuning:
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     def _ctc(self, net, batch: dict, cnn: torch.Tensor | None = None):
-        logits, frame_padding = net(batch["wav"], batch["padding_mask"], cnn=cnn) if cnn is not None else \
-            net(batch["wav"], batch["padding_mask"])
+        logits, frame_padding = net(batch["wav"], batch["padding_mask"], cnn=cnn)
         B, T = logits.shape[:2]
         lengths = torch.full((B,), T, device=logits.device) if frame_padding is None else (~frame_padding).sum(-1)
         log_probs = logits.float().log_softmax(-1)
