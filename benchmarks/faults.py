@@ -621,25 +621,29 @@ def slurm_preemption(work: Path, data: Path, updates: int = 40, after: int = 3) 
             "corrupt": check_checkpoints(out / "checkpoints")[1], **compare_run(out, ref)}
 
 
-def slurm_timeout(work: Path, data: Path, after_resume: int = 3) -> dict:
-    """A job with a 1-minute time limit (submitit's USR2 comes 15 s before it; SLURM sends it up
-    to 30 s early) in a run far longer: it must save at the signal, requeue and resume.
-    Stopped with USR1 (save and stop) a few updates after the resume, and compared update by
-    update with an uninterrupted run of the same config, run meanwhile on the other core."""
+def _requeued_then_stopped(work: Path, data: Path, name: str, interrupt, after_resume: int, timeout_min: int,
+                           *overrides: str, **profile) -> tuple[str, dict, dict]:
+    """The open-ended SLURM cases: a long tiny pretraining submitted as `slurm_{name}` while an
+    uninterrupted run of the same config goes on on the other core; `interrupt(job, text)` does
+    what makes SLURM requeue the job (and returns what it wants reported). Once requeued, it is
+    released, stopped with USR1 (save and stop) `after_resume` updates into the resumed attempt,
+    and compared update by update with the uninterrupted run. Returns the job's log, the
+    interrupt's report and the fields both cases report."""
     cfg = write_config(work / "timeout.yaml", data, work / "unused", 100_000,
                        optim={"schedule": "constant", "warmup_ratio": 0.0},
                        run={"save_interval": 100_000, "valid_interval": 0})
-    out, ref = work / "slurm_timeout", work / "reference_timeout"
+    out, ref = work / f"slurm_{name}", work / f"reference_{name}"
     for d in (out, ref):
         shutil.rmtree(d, ignore_errors=True)
-    job = _submit_pretraining(cfg, out, write_profile(out.parent / "profile_timeout.yaml", timeout_min=1,
-                                                       signal_delay_s=15), "launch.max_requeues=3")
-    reference_run = start(mt4ssl("pretrain", cfg, f"run.out_dir={ref}"), work / "reference_timeout.log")
+    job = _submit_pretraining(cfg, out, write_profile(out.parent / f"profile_{name}.yaml", timeout_min=timeout_min,
+                                                       **profile), *overrides)
+    reference_run = start(mt4ssl("pretrain", cfg, f"run.out_dir={ref}"), work / f"reference_{name}.log")
     err = Path(job.paths.stderr)
     text = lambda: err.read_text() if err.exists() else ""  # noqa: E731
     try:
+        report = interrupt(job, text)
         state = requeued(job.job_id, 300)
-        saved = saved_update(out / "checkpoints")
+        requeue_saved = saved_update(out / "checkpoints")
         held_until = release(job.job_id) if state.get("JobState") == "PENDING" else ""
         wait_for(lambda: len(_attempts(text())) >= 2 and len(_attempts(text())[-1]) >= after_resume, 300,
                  "the resumed attempt", poll=0.05)
@@ -654,66 +658,43 @@ def slurm_timeout(work: Path, data: Path, after_resume: int = 3) -> dict:
     attempts = _attempts(log)
     flat = [u for a in attempts for u in a]
     rows = log_rows(out)
-    return {"job": job.job_id, "state": final["JobState"], "restarts": int(final.get("Restarts", 0)),
-            "time_limit": final.get("TimeLimit"), "warning_after_s": _warning_after(log),
-            "saved_at_signal": saved,
-            "held_until": held_until, "resumed_at": [int(m.group(2)) for m in RESUMED_LINE.finditer(log)],
-            "attempts": [[a[0], a[-1]] if a else [] for a in attempts], "stopped_at": stopped,
-            "no_update_lost_or_repeated": flat == list(range(1, stopped + 1)),
-            "corrupt": check_checkpoints(out / "checkpoints")[1],
-            "log_updates_once_each": [r["update"] for r in rows] == list(range(1, stopped + 1)),
-            "losses_equal": comparable(rows) == comparable(log_rows(ref)[:len(rows)])}
+    return log, {**report, "saved_at_requeue": requeue_saved}, {
+        "job": job.job_id, "state": final["JobState"], "restarts": int(final.get("Restarts", 0)),
+        "time_limit": final.get("TimeLimit"), "held_until": held_until, "resumed_at": [int(m.group(2)) for m in RESUMED_LINE.finditer(log)],
+        "attempts": [[a[0], a[-1]] if a else [] for a in attempts], "stopped_at": stopped,
+        "no_update_lost_or_repeated": flat == list(range(1, stopped + 1)),
+        "corrupt": check_checkpoints(out / "checkpoints")[1],
+        "log_updates_once_each": [r["update"] for r in rows] == list(range(1, stopped + 1)),
+        "losses_equal": comparable(rows) == comparable(log_rows(ref)[:len(rows)])}
+
+
+def slurm_timeout(work: Path, data: Path, after_resume: int = 3) -> dict:
+    """A job with a 1-minute time limit (submitit's USR2 comes 15 s before it; SLURM sends it up
+    to 30 s early) in a run far longer: it must save at the signal, requeue and resume."""
+    log, report, common = _requeued_then_stopped(
+        work, data, "timeout", lambda job, text: {}, after_resume, 1, "launch.max_requeues=3", signal_delay_s=15)
+    return {**common, "warning_after_s": _warning_after(log), "saved_at_signal": report["saved_at_requeue"]}
 
 
 def slurm_priority_preemption(work: Path, data: Path, after: int = 3) -> dict:
     """A real preemption: the tiny pretraining in the `debug` partition, then a job of the
     `urgent` partition (PriorityTier 2) asking for every core. SLURM sends SIGTERM (the
     default: no PreemptParameters=send_user_signal), SIGKILL after the partition's GraceTime,
-    and requeues the job (PreemptMode=REQUEUE). Open-ended like slurm_timeout: stopped with
-    USR1 a few updates after the resume, compared with an uninterrupted run."""
+    and requeues the job (PreemptMode=REQUEUE)."""
     from tools.slurm_local import URGENT
 
-    cfg = write_config(work / "timeout.yaml", data, work / "unused", 100_000,
-                       optim={"schedule": "constant", "warmup_ratio": 0.0},
-                       run={"save_interval": 100_000, "valid_interval": 0})
-    out, ref = work / "slurm_priority", work / "reference_priority"
-    for d in (out, ref):
-        shutil.rmtree(d, ignore_errors=True)
-    job = _submit_pretraining(cfg, out, write_profile(out.parent / "profile_priority.yaml", timeout_min=10))
-    reference_run = start(mt4ssl("pretrain", cfg, f"run.out_dir={ref}"), work / "reference_priority.log")
-    err = Path(job.paths.stderr)
-    text = lambda: err.read_text() if err.exists() else ""  # noqa: E731
-    try:
+    def preempt(job, text) -> dict:
         wait_for(lambda: len(updates_logged(text())) >= after, 300, f"{after} updates of job {job.job_id}", poll=0.05)
         urgent = subprocess.run(["sbatch", "--parsable", "-p", URGENT, "-c", str(os.cpu_count() or 1), "-o",
-                                 str(out / "urgent.out"), "--wrap", "sleep 1"], capture_output=True, text=True,
-                                check=True, timeout=30).stdout.strip()
-        state = requeued(job.job_id, 300)
-        held_until = release(job.job_id) if state.get("JobState") == "PENDING" else ""
-        wait_for(lambda: len(_attempts(text())) >= 2 and len(_attempts(text())[-1]) >= after, 300,
-                 "the resumed attempt", poll=0.05)
-        subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True, timeout=30)
-        final = wait_for(lambda: (s := job_state(job.job_id)).get("JobState") in FINISHED and s, 120,
-                         "the job to stop", poll=0.5)
-        stopped = saved_update(out / "checkpoints")
-        wait_for(lambda: len(log_rows(ref)) >= stopped, 300, "the uninterrupted run to get as far", poll=0.2)
-    finally:
-        kill_group(reference_run)
-    log = text()
-    attempts = _attempts(log)
+                                 str(work / "slurm_priority" / "urgent.out"), "--wrap", "sleep 1"],
+                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return {"urgent": urgent}
+
+    log, report, common = _requeued_then_stopped(work, data, "priority", preempt, after, 10)
     first = log.split("mt4ssl.launch.submit: JobEnvironment(")[1] if log.count("JobEnvironment(") > 1 else log
     term = re.search(r"received SIGTERM.*?saved \S*checkpoint_last\.pt \(update (\d+)\)", first, re.S)
-    resumed = [int(m.group(2)) for m in RESUMED_LINE.finditer(log)]
-    flat = [u for a in attempts for u in a]
-    rows = log_rows(out)
-    return {"job": job.job_id, "urgent_job": urgent, "urgent_state": job_state(urgent).get("JobState"),
-            "restarts": int(final.get("Restarts", 0)), "state": final["JobState"], "held_until": held_until,
-            "preempted": "DUE TO PREEMPTION" in log, "saved_on_sigterm": int(term.group(1)) if term else None,
-            "resumed_at": resumed, "attempts": [[a[0], a[-1]] if a else [] for a in attempts],
-            "stopped_at": stopped, "no_update_lost_or_repeated": flat == list(range(1, stopped + 1)),
-            "corrupt": check_checkpoints(out / "checkpoints")[1],
-            "log_updates_once_each": [r["update"] for r in rows] == list(range(1, stopped + 1)),
-            "losses_equal": comparable(rows) == comparable(log_rows(ref)[:len(rows)])}
+    return {**common, "urgent_job": report["urgent"], "urgent_state": job_state(report["urgent"]).get("JobState"),
+            "preempted": "DUE TO PREEMPTION" in log, "saved_on_sigterm": int(term.group(1)) if term else None}
 
 
 def _warning_after(text: str) -> float | None:
