@@ -8,7 +8,7 @@ DEB_TOOLS := espeak-ng flite sox libsndfile1
 # a single-node SLURM cluster for the launch fault tests (tools/slurm_local.py); optional
 DEB_OPTIONAL := slurm-wlm munge
 
-.PHONY: setup sysdeps demo reproduce test bench lock clean-demo
+.PHONY: setup sysdeps demo reproduce test bench bench-kmeans lock clean-demo
 
 setup: $(STAMP) sysdeps
 
@@ -45,6 +45,12 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/compile_step.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/gpu_throughput.py $(GPU_BENCH)
+
+# k-means at LibriSpeech size (results/perf.md, "k-means at scale"): about 15 min on one core
+bench-kmeans: setup
+	bash recipes/tiny/run.sh --stop-stage 2
+	OMP_NUM_THREADS=1 $(PY) benchmarks/kmeans_scale.py --dim 39 --threads 1
+	OMP_NUM_THREADS=1 $(PY) benchmarks/kmeans_scale.py --dim 768 --threads 1
 
 # Re-pin the tested stack from the current venv.
 lock: $(STAMP)
