@@ -23,6 +23,19 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted, nested) whose values differ between two config dicts, as
+    "key: a -> b" ("missing" where one side lacks the key)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, "missing"), b.get(k, "missing")
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
+
+
 def _is_dataclass_type(t) -> bool:
     return isinstance(t, type) and dataclasses.is_dataclass(t)
 

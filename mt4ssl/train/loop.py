@@ -74,11 +74,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from mt4ssl.config import config_to_dict, save_config
+from mt4ssl.config import config_diff, config_from_dict, config_to_dict, save_config
 from mt4ssl.data.sampler import BucketBatchSampler
 from mt4ssl.errors import InputError
 from mt4ssl.models.checkpoint import load_checkpoint, nonfinite_weight
 from mt4ssl.models.cnn import SAMPLE_RATE
+from mt4ssl.models.mt4ssl import ModelConfig
 from mt4ssl.train import distributed
 from mt4ssl.train.checkpoint import CheckpointDir
 from mt4ssl.train.log import TrainLog
@@ -264,9 +265,12 @@ class Trainer:
     def _resume(self, state: dict) -> None:
         mine = self.task.checkpoint_state(self.model)["model_config"]
         where = self.resumed_from
-        if state["model_config"] != mine:
-            diff = sorted(k for k in mine if state["model_config"].get(k) != mine[k])
-            raise InputError(f"{where}: made with another model config (differs in {diff}); "
+        # read through ModelConfig: a key added since the checkpoint was written takes its
+        # default (which keeps the earlier behaviour), so a run resumes across an upgrade
+        saved = config_to_dict(config_from_dict(ModelConfig, state["model_config"], f"{where}: model_config"))
+        if saved != mine:
+            diff = "; ".join(config_diff(saved, mine))
+            raise InputError(f"{where}: made with another model config ({diff}; checkpoint -> this run); "
                              f"use a new run.out_dir or the same model settings")
         self.task.load_state(self.model, state, str(where))
         self.optimizer.load_state_dict(state["optimizer"])
