@@ -62,13 +62,13 @@ one_run() {  # name split init-flags...: fine-tune, then decode its best checkpo
   mkdir -p "$run"
   $MT4SSL finetune recipes/tiny/finetune.yaml run.out_dir="$run" run.init_from="$ckpt" \
     data.manifest_dir="$m" data.train_split="$split" data.valid_split=dev-clean \
-    run.max_updates="$updates" run.seed="$seed" "$@" > "$run.log" 2>&1 \
+    run.max_updates="$updates" run.seed="$seed" "$@" >> "$run.log" 2>&1 \
     || { echo "fine-tuning $run failed: see $run.log" >&2; return 1; }
   [ -f "$run/decode/test-clean.json" ] || $MT4SSL decode --ckpt "$run/checkpoints/checkpoint_best.pt" \
     --manifest-dir "$m" --subsets dev-clean,test-clean --lm "$lm" --lexicon "$corpus/lexicon.txt" \
     --config recipes/tiny/decode.yaml --precision auto --out "$run/decode" >> "$run.log" 2>&1 \
     || { echo "decoding $run failed: see $run.log" >&2; return 1; }
-  echo "   $name: $(grep -h '^fine-tuning done' "$run.log" | tail -1) ($(( $(date +%s) - t_start )) s since start)"
+  echo "   $name: $(grep -hE '^fine-tuning (done|already finished)' "$run.log" | tail -1) ($(( $(date +%s) - t_start )) s since start)"
 }
 
 say "4 fine-tuning runs of $updates updates, $jobs at a time -> $out"

@@ -35,7 +35,7 @@ one_run() {  # variant seed: pretrain, then probe every saved checkpoint
   local v=$1 s=$2 run=$out/$1-seed$2
   $MT4SSL pretrain recipes/tiny/pretrain.yaml run.out_dir="$run" data.manifest_dir="$manifests" \
     "data.labels={mfcc100: $labels}" "model.targets=${TARGETS[$v]}" run.seed="$s" \
-    run.max_updates="$updates" run.save_interval="$every" run.keep_last="$points" > "$run.log" 2>&1 || {
+    run.max_updates="$updates" run.save_interval="$every" run.keep_last="$points" >> "$run.log" 2>&1 || {
     # a collapse is a result, not a failure: the trainer saved the state it stopped at
     grep -o "training collapsed at update [0-9]*: [^(]*" "$run.log" | tail -1 > "$run/collapsed.txt"
     [ -s "$run/collapsed.txt" ] || { echo "pretraining $run failed: see $run.log" >&2; return 1; }
