@@ -348,6 +348,40 @@ def test_fp16_overflow_skips_the_update_and_counts_it(prepared, tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.parametrize("per_micro_batch", [False, True])
+def test_an_fp16_overflow_steps_the_teacher_only_in_fairseqs_mode(prepared, tmp_path, per_micro_batch):
+    """fairseq steps the EMA in every micro-batch's train_step, before it knows the update will
+    overflow: with ema_per_micro_batch the teacher takes k steps towards the unchanged student;
+    by default a skipped update moves nothing."""
+    k = 2
+    trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "fp16", "run.precision=fp16", f"run.update_freq={k}",
+                                        f"model.teacher.ema_per_micro_batch={str(per_micro_batch).lower()}",
+                                        "model.teacher.ema_decay=0.9", "model.teacher.ema_end_decay=0.99",
+                                        "model.teacher.ema_anneal_updates=10"), distributed.Dist())
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow
+    teacher = trainer.model.targets["teacher"]
+    with torch.no_grad():
+        for p in teacher.ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in teacher.ema.named_parameters()}
+    student = {n: p.detach().clone() for n, p in trainer.model.encoder.named_parameters()}
+    trainer.train_step(fixed_batches(trainer, [0, 1], 1))
+    assert trainer.overflows == 1 and trainer.num_updates == 0
+    for n, p in trainer.model.encoder.named_parameters():
+        assert torch.equal(p, student[n]), n
+    d, moved = 0.9, 0  # the decay at update 0
+    for name, p in teacher.ema.named_parameters():
+        expected = before[name].double()
+        if per_micro_batch and not name.startswith("pos_conv."):
+            for _ in range(k):
+                expected = d * expected + (1 - d) * student[name].double()
+            moved += 1
+        elif per_micro_batch:
+            expected = student[name].double()  # copied, not averaged
+        torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert moved > 10 if per_micro_batch else moved == 0
+
+
 def test_bf16_autocast_run(prepared, tmp_path):
     result = pretrain.train(make_cfg(prepared, tmp_path / "bf16", "run.precision=bf16", "run.max_updates=2"))
     assert result["num_updates"] == 2

@@ -39,8 +39,10 @@ class TeacherConfig:
     # repeated); the loss stays normalised per masked frame, of all copies. 1 = the paper.
     masks_per_sample: int = 1
     # fairseq steps the EMA once per micro-batch (set_num_updates in every train_step), so with
-    # run.update_freq = k the teacher takes k steps per update (decay d^k). False: one step per
-    # update, whatever the split of the batch (the default). True reproduces the official runs.
+    # run.update_freq = k the teacher takes k steps per update (decay d^k), also in an update
+    # that is then skipped (fp16 overflow: it steps towards the unchanged student). False: one
+    # step per applied update, whatever the split of the batch (the default). True reproduces
+    # the official runs.
     ema_per_micro_batch: bool = False
 
     def __post_init__(self):

@@ -170,10 +170,12 @@ class Pretraining:
         logs.update({k: v for k, v in out.logs.items() if k != "ema_decay"})  # std/accuracy: averaged in log_row
         return out.loss, out.sample_size, logs
 
-    def after_update(self, model: MT4SSL, num_updates: int) -> None:
-        # EMA teacher step; fairseq's: one per micro-batch (model.teacher.ema_per_micro_batch)
-        steps = self.cfg.run.update_freq if model.cfg.teacher.ema_per_micro_batch else 1
-        model.update_targets(num_updates, steps)
+    def after_update(self, model: MT4SSL, num_updates: int, applied: bool = True) -> None:
+        # The EMA teacher: one step per applied update. fairseq's (model.teacher.ema_per_micro_batch):
+        # one per micro-batch, skipped updates included (set_num_updates runs in every train_step)
+        per_micro_batch = model.cfg.teacher.ema_per_micro_batch
+        if applied or per_micro_batch:
+            model.update_targets(num_updates, self.cfg.run.update_freq if per_micro_batch else 1)
 
     def check(self, stats: dict[str, float], num_updates: int) -> None:
         mean = {k: stats[k] / stats["micro_batches"]  # averaged over micro-batches and workers
