@@ -136,11 +136,27 @@ def test_gradient_accumulation_equals_one_big_batch(prepared, tmp_path):
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def ema_by_hand(teacher: dict, student: dict, d: float, steps: int) -> dict:
+    """`steps` EMA steps of the teacher towards one student, in float64 (pos_conv is copied)."""
+    out = {}
+    for name, t in teacher.items():
+        x, s = t.double(), student[name].double()
+        for _ in range(steps):
+            x = s if name.startswith("pos_conv.") else d * x + (1 - d) * s
+        out[name] = x
+    return out
+
+
+def teacher_params(teacher) -> dict:
+    return {n: p.detach().double().clone() for n, p in teacher.ema.named_parameters()}
+
+
 @pytest.mark.parametrize("per_micro_batch", [False, True])
-def test_ema_steps_once_per_update_or_once_per_micro_batch(prepared, tmp_path, per_micro_batch):
-    """Default: one EMA step per update, however the batch is split; fairseq's behaviour
-    (model.teacher.ema_per_micro_batch): one per micro-batch, so k steps towards the updated
-    student with run.update_freq=k. Checked against the EMA formula applied by hand."""
+def test_ema_steps_once_per_update_or_before_every_micro_batch(prepared, tmp_path, monkeypatch, per_micro_batch):
+    """Default: one EMA step after each update, towards the updated student, however the batch
+    is split. fairseq's order (model.teacher.ema_per_micro_batch): a step before every
+    micro-batch's forward, towards the student as it is, so micro-batch j of an update uses the
+    teacher after j steps. Checked against the EMA formula applied by hand."""
     k = 3
     trainer = pretrain.Trainer(make_cfg(prepared, tmp_path / "ema", f"run.update_freq={k}",
                                         f"model.teacher.ema_per_micro_batch={str(per_micro_batch).lower()}",
@@ -150,22 +166,23 @@ def test_ema_steps_once_per_update_or_once_per_micro_batch(prepared, tmp_path, p
     with torch.no_grad():  # a teacher away from the student, so that each EMA step shows
         for p in teacher.ema.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    before = {n: p.detach().clone() for n, p in teacher.ema.named_parameters()}
+    seen, targets = [], teacher.targets  # the teacher each micro-batch's targets came from
+    monkeypatch.setattr(teacher, "targets", lambda batch: seen.append(teacher_params(teacher)) or targets(batch))
+    before, student0 = teacher_params(teacher), {n: p.detach().clone() for n, p in trainer.model.encoder.named_parameters()}
     trainer.train_step(fixed_batches(trainer, [0, 1, 2], 1))
-    assert trainer.num_updates == 1
-    d = 0.9 + (0.99 - 0.9) * 1 / 10  # the decay at update 1
-    student = dict(trainer.model.encoder.named_parameters())
-    moved = 0
-    for name, p in teacher.ema.named_parameters():
-        expected = before[name].double()
-        s = student[name].detach().double()
-        if name.startswith("pos_conv."):
-            expected = s  # copied, not averaged
-        else:
-            for _ in range(k if per_micro_batch else 1):  # EMA steps one at a time
-                expected = d * expected + (1 - d) * s
-            moved += not torch.allclose(before[name].double(), s)
-        torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert trainer.num_updates == 1 and len(seen) == k
+    student1 = dict(trainer.model.encoder.named_parameters())
+    d0, d1 = 0.9, 0.9 + (0.99 - 0.9) * 1 / 10  # the decay at updates 0 and 1
+    if per_micro_batch:
+        expected_seen = [ema_by_hand(before, student0, d0, j) for j in range(1, k + 1)]
+        expected_after = expected_seen[-1]  # the steps towards student1 come with the next update's micro-batches
+    else:
+        expected_seen = [before] * k
+        expected_after = ema_by_hand(before, {n: p.detach() for n, p in student1.items()}, d1, 1)
+    for got, want in zip([*seen, teacher_params(teacher)], [*expected_seen, expected_after]):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum(not torch.allclose(before[n], expected_after[n]) for n in before)
     assert moved > 10
 
 
@@ -363,23 +380,16 @@ def test_an_fp16_overflow_steps_the_teacher_only_in_fairseqs_mode(prepared, tmp_
     with torch.no_grad():
         for p in teacher.ema.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    before = {n: p.detach().clone() for n, p in teacher.ema.named_parameters()}
-    student = {n: p.detach().clone() for n, p in trainer.model.encoder.named_parameters()}
+    before, student = teacher_params(teacher), {n: p.detach().clone() for n, p in trainer.model.encoder.named_parameters()}
     trainer.train_step(fixed_batches(trainer, [0, 1], 1))
     assert trainer.overflows == 1 and trainer.num_updates == 0
     for n, p in trainer.model.encoder.named_parameters():
         assert torch.equal(p, student[n]), n
-    d, moved = 0.9, 0  # the decay at update 0
-    for name, p in teacher.ema.named_parameters():
-        expected = before[name].double()
-        if per_micro_batch and not name.startswith("pos_conv."):
-            for _ in range(k):
-                expected = d * expected + (1 - d) * student[name].double()
-            moved += 1
-        elif per_micro_batch:
-            expected = student[name].double()  # copied, not averaged
-        torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
-    assert moved > 10 if per_micro_batch else moved == 0
+    expected = ema_by_hand(before, student, 0.9, k if per_micro_batch else 0)  # the decay at update 0
+    after = teacher_params(teacher)
+    for name in expected:
+        torch.testing.assert_close(after[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (sum(not torch.equal(after[n], before[n]) for n in before) > 10) == per_micro_batch
 
 
 def test_bf16_autocast_run(prepared, tmp_path):

@@ -193,7 +193,7 @@ class CTCFinetuning:
         sentences = torch.tensor(float(len(batch["target_lengths"])), device=loss.device)
         return loss, sentences, {"frames": lengths.sum(), "letters": batch["target_lengths"].sum()}
 
-    def after_update(self, model: CTCModel, num_updates: int, applied: bool = True) -> None:
+    def after_update(self, model: CTCModel, num_updates: int) -> None:
         pass
 
     def check(self, stats: dict[str, float], num_updates: int) -> None:

@@ -260,11 +260,11 @@ class MT4SSL(nn.Module):
             logs.update(target_logs)       # backward failed on the unused gradients of these)
         return PretrainOutput(loss=loss, losses=losses, sample_size=mask.sum(), logs=logs, mask=mask)
 
-    def update_targets(self, num_updates: int, steps: int = 1) -> None:
-        """Call once after every optimizer update (EMA teacher step; `steps` EMA steps, see
-        TeacherConfig.ema_per_micro_batch)."""
+    def update_targets(self, num_updates: int) -> None:
+        """Call once after every optimizer update (the EMA teacher's step; fairseq's order, once
+        before every micro-batch: TeacherConfig.ema_per_micro_batch)."""
         for target in self.targets.values():
-            target.step(self.encoder, num_updates, steps)
+            target.step(self.encoder, num_updates)
 
     # ------------------------------------------------------------------ inference, fine-tuning
 

@@ -83,6 +83,6 @@ class Target(nn.Module, abc.ABC):
         """x: (N, C) student output at the N masked frames (in `batch.mask` order).
         Returns (loss summed over the N frames, {log name: scalar tensor})."""
 
-    def step(self, student_encoder: nn.Module, num_updates: int, steps: int = 1) -> None:
-        """Called once after every optimizer update (the EMA teacher updates itself here;
-        `steps`: EMA steps to take, see TeacherConfig.ema_per_micro_batch)."""
+    def step(self, student_encoder: nn.Module, num_updates: int) -> None:
+        """Called once after every optimizer update, `num_updates` of them done (the EMA
+        teacher updates itself here; see also TeacherConfig.ema_per_micro_batch)."""

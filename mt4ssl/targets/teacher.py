@@ -38,11 +38,11 @@ class TeacherConfig:
     # Transformer on M differently-masked copies of it (k-means labels and teacher targets
     # repeated); the loss stays normalised per masked frame, of all copies. 1 = the paper.
     masks_per_sample: int = 1
-    # fairseq steps the EMA once per micro-batch (set_num_updates in every train_step), so with
-    # run.update_freq = k the teacher takes k steps per update (decay d^k), also in an update
-    # that is then skipped (fp16 overflow: it steps towards the unchanged student). False: one
-    # step per applied update, whatever the split of the batch (the default). True reproduces
-    # the official runs.
+    # fairseq steps the EMA before every micro-batch's forward (set_num_updates in every
+    # train_step), towards the current student: with run.update_freq = k, k steps per update
+    # (decay d^k), micro-batch j seeing the teacher after j of them, and steps in an update that
+    # is then skipped (fp16 overflow). True reproduces that, so the official runs. False (the
+    # default): one step after each applied update, whatever the split of the batch.
     ema_per_micro_batch: bool = False
 
     def __post_init__(self):
@@ -121,13 +121,11 @@ class TeacherTarget(Target):
         self.ema.load_state_dict(student_encoder.state_dict())
 
     @torch.no_grad()
-    def step(self, student_encoder: nn.Module, num_updates: int, steps: int = 1) -> None:
+    def step(self, student_encoder: nn.Module, num_updates: int) -> None:
         """EMA update after optimizer update `num_updates`: teacher = d * teacher + (1 - d) *
-        student for layers and encoder LayerNorm; the positional conv is copied. `steps` EMA
-        steps towards the same student (fairseq's one per micro-batch): d becomes d^steps."""
+        student for layers and encoder LayerNorm; the positional conv is copied."""
         cfg = self.cfg
-        self.decay = ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_updates)
-        keep = self.decay**steps
+        self.decay = keep = ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_updates)
         student = dict(student_encoder.named_parameters())
         for name, p in self.ema.named_parameters():
             s = student[name].detach().float()

@@ -130,9 +130,7 @@ class Task(Protocol):
     def loss(self, net: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss summed over the batch, its sample size, stats summed over the batch)."""
 
-    def after_update(self, model: nn.Module, num_updates: int, applied: bool = True) -> None:
-        """After each update; applied=False: the update was skipped (fp16 overflow or a
-        non-finite loss / gradient norm), no weight changed and num_updates did not advance."""
+    def after_update(self, model: nn.Module, num_updates: int) -> None: ...
 
     def check(self, stats: dict[str, float], num_updates: int) -> None:
         """Raise to stop the training (the loop saves checkpoint_last first)."""
@@ -359,7 +357,6 @@ class Trainer:
             self.skipped_in_a_row += 1
             log.warning("update %d skipped: non-finite loss %s / gradient norm %s (%d in a row, %d in all)",
                         self.num_updates + 1, stats["loss"], norm, self.skipped_in_a_row, self.nonfinite)
-            self.task.after_update(self.model, self.num_updates, applied=False)
         else:
             clip = self.cfg.optim.clip_norm
             if clip > 0 and clip / (norm + 1e-6) < 1:
@@ -370,7 +367,6 @@ class Trainer:
             if scaled and self.scaler.get_scale() < scale:
                 self.overflows += 1  # fp16 overflow: the update was skipped
                 self.skipped_in_a_row += 1
-                self.task.after_update(self.model, self.num_updates, applied=False)
             else:
                 self.scheduler.step()
                 self.num_updates += 1

@@ -9,8 +9,8 @@ adds to it:
 - loss: sum over targets of weight * (loss summed over the masked frames); the sample size
   is the number of masked frames, so the loop's normalisation divides by the masked frames
   of all micro-batches and workers (fairseq's sample_size);
-- after every update the EMA teacher steps (run.update_freq steps with
-  model.teacher.ema_per_micro_batch, fairseq's behaviour); the collapse guard checks the target and
+- after every update the EMA teacher steps (with model.teacher.ema_per_micro_batch, fairseq's
+  order: before every micro-batch's forward instead); the collapse guard checks the target and
   prediction stds (after `run.collapse_after` updates; the loop saves, then stops);
 - `run.init_from`: the encoder's weights must all be in the source (a pretraining
   checkpoint, a fine-tuned one, `mt4ssl convert fairseq`); prediction heads and the EMA
@@ -84,6 +84,7 @@ class Pretraining:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
+        self.updates_done = 0  # set by before_update (the EMA step of ema_per_micro_batch)
         data = cfg.data
         # fairseq's order: the dataset normalises whole files, the model then does not normalise again
         self.normalized = data.normalize_before_crop and cfg.model_config().normalize
@@ -147,7 +148,7 @@ class Pretraining:
     # ------------------------------------------------------------------ one update
 
     def before_update(self, model: MT4SSL, num_updates: int) -> None:
-        pass
+        self.updates_done = num_updates
 
     def sample_mask(self, batch: dict) -> torch.Tensor:
         """The (B, T) span mask of a training batch, drawn as the model's forward would draw it
@@ -161,6 +162,11 @@ class Pretraining:
         return self.model.sample_mask(wav.new_empty(M * wav.shape[0], frames), padding)
 
     def loss(self, net, batch: dict):
+        if self.model.cfg.teacher.ema_per_micro_batch:
+            # fairseq's order: set_num_updates, so an EMA step towards the current student, in
+            # every micro-batch's train_step before its forward (also in an update that is then
+            # skipped, as after an fp16 overflow)
+            self.model.update_targets(self.updates_done)
         # mask and positions are made here, outside the (maybe compiled) net: no graph break
         mask = batch["mask"] if batch.get("mask") is not None else self.sample_mask(batch)
         positions = masked_positions(mask)
@@ -170,12 +176,9 @@ class Pretraining:
         logs.update({k: v for k, v in out.logs.items() if k != "ema_decay"})  # std/accuracy: averaged in log_row
         return out.loss, out.sample_size, logs
 
-    def after_update(self, model: MT4SSL, num_updates: int, applied: bool = True) -> None:
-        # The EMA teacher: one step per applied update. fairseq's (model.teacher.ema_per_micro_batch):
-        # one per micro-batch, skipped updates included (set_num_updates runs in every train_step)
-        per_micro_batch = model.cfg.teacher.ema_per_micro_batch
-        if applied or per_micro_batch:
-            model.update_targets(num_updates, self.cfg.run.update_freq if per_micro_batch else 1)
+    def after_update(self, model: MT4SSL, num_updates: int) -> None:
+        if not model.cfg.teacher.ema_per_micro_batch:  # else: in loss(), before every micro-batch
+            model.update_targets(num_updates)  # the EMA teacher: one step per applied update
 
     def check(self, stats: dict[str, float], num_updates: int) -> None:
         mean = {k: stats[k] / stats["micro_batches"]  # averaged over micro-batches and workers
