@@ -51,7 +51,7 @@ if step 2; then
 fi
 
 if step 3; then
-  say 3 "k-means (k=$k, faiss, 10% of train frames) -> $labels/km.npz"
+  say 3 "k-means (k=$k, mt4ssl kmeans' default backend, 10% of train frames) -> $labels/km.npz"
   $MT4SSL kmeans "$feats" train "$labels/km.npz" --nshard "$nshard" -k "$k" --seed "$seed"
 fi
 
