@@ -165,10 +165,11 @@ def test_one_job_per_learning_rate(tmp_path, tiny_ckpt):
     assert sweep.submit("pr", data, out, [1e-2, 1e-3], options, launch, cluster="local") == []  # all done
 
 
-def test_table(tmp_path):
+def test_table(tmp_path, monkeypatch):
     for label, task, lr, test in (("tiny", "pr", 1e-2, 0.5123), ("tiny", "ks", 1e-3, 0.25), ("fbank", "pr", 1e-2, 0.6)):
         write_run(tmp_path / label / task / f"lr{lr:g}", task, lr, dev=test, test=test)
-        sweep.update_summary(tmp_path / label / task, task, [lr], f"mt4ssl superb --task {task}")
+        sweep.update_summary(tmp_path / label / task, task, [lr], f"mt4ssl superb --task {task} --data {tmp_path}/d")
+    monkeypatch.chdir(tmp_path)  # paths below the current folder are shown relative to it
     out = tmp_path / "t.md"
     runs = [f"tiny={tmp_path / 'tiny' / 'pr'}", f"tiny={tmp_path / 'tiny' / 'ks'}", f"fbank={tmp_path / 'fbank' / 'pr'}"]
     assert superb_table.main([x for r in runs for x in ("--run", r)] + ["--out", str(out), "--command", "make demo"]) == 0
@@ -176,6 +177,7 @@ def test_table(tmp_path):
     assert "Made by: `make demo`" in md and "| tiny | measured | 51.23 (lr 0.01) | 25.00 (lr 0.001) |" in md
     assert "| fbank | measured | 60.00 (lr 0.01) | — |" in md
     assert "| HuBERT Base (LS 960 h), published | published | 5.41 | 96.30 |" in md
+    assert "`mt4ssl superb --task pr --data d`" in md and str(tmp_path) not in md.split("Runs (")[1]
     rows = list(csv.reader(out.with_suffix(".csv").open()))
     assert rows[0] == ["upstream", "source", "PR PER %", "pr lr", "KS acc %", "ks lr"]
     assert rows[1] == ["tiny", "measured", "51.23", "0.01", "25.00", "0.001"]

@@ -101,12 +101,14 @@ def render(rows: dict[str, dict[str, dict]], title: str, note: str, command: str
               f"Published rows: {PUBLISHED_SOURCE}"]
     if note:
         lines += ["", note]
-    lines += ["", "Runs (each sweep's folder and the commands that made it):", ""]
+    lines += ["", "Runs (each sweep's folder and the commands that made it; paths below the current folder "
+              "shown relative to it):", ""]
+    here = f"{Path.cwd()}/"
     for label, row in rows.items():
         for task, s in row.items():
             runs = ", ".join(f"lr {r['lr']:g}: dev {r['dev']}, test {r['test']}, {r['seconds']} s" for r in s["runs"])
-            lines.append(f"- {label}, {task}: `{s['_folder']}` ({s['steps']} steps; {runs}); "
-                         + "; ".join(f"`{c}`" for c in s.get("commands", [])))
+            lines.append(f"- {label}, {task}: `{str(s['_folder']).replace(here, '')}` ({s['steps']} steps; {runs}); "
+                         + "; ".join(f"`{c.replace(here, '')}`" for c in s.get("commands", [])))
             if s.get("pending"):
                 lines.append(f"  - not finished: {', '.join(s['pending'])}")
     return "\n".join(lines) + "\n", out.getvalue()
