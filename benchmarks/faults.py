@@ -70,6 +70,9 @@ SMALL_MODEL = {
 }
 UPDATE_LINE = re.compile(r"INFO mt4ssl\.train: update (\d+)/\d+ ")
 RESUMED_LINE = re.compile(r"resumed from (\S+) at update (\d+)")
+# the trainer's line once checkpoint_last holds the update it stopped at (written then, or by
+# that update's numbered save)
+SAVED_LAST = r"(?:saved \S*checkpoint_last\.pt \(update (\d+)\)|\S*checkpoint_last\.pt already holds update (\d+))"
 
 
 def mt4ssl(*args) -> list[str]:
@@ -614,8 +617,8 @@ def slurm_preemption(work: Path, data: Path, updates: int = 40, after: int = 3) 
     resumed = [int(m.group(2)) for m in RESUMED_LINE.finditer(log)]
     return {"job": job.job_id, "state": final["JobState"], "restarts": int(final.get("Restarts", 0)),
             "requeue_state": state.get("JobState"), "held_until": held_until,
-            "saved_on_signal": bool(re.search(r"received SIGUSR2.*?saved \S*checkpoint_last\.pt \(update \d+\)", log,
-                                              re.S)) and "preemption checkpoint saved" in log,
+            "saved_on_signal": bool(re.search(r"received SIGUSR2.*?" + SAVED_LAST, log, re.S))
+            and "preemption checkpoint saved" in log,
             "resumed_at": resumed, "attempts": [[a[0], a[-1]] if a else [] for a in attempts],
             "no_update_lost_or_repeated": flat == list(range(1, updates + 1)),
             "corrupt": check_checkpoints(out / "checkpoints")[1], **compare_run(out, ref)}
@@ -692,9 +695,9 @@ def slurm_priority_preemption(work: Path, data: Path, after: int = 3) -> dict:
 
     log, report, common = _requeued_then_stopped(work, data, "priority", preempt, after, 10)
     first = log.split("mt4ssl.launch.submit: JobEnvironment(")[1] if log.count("JobEnvironment(") > 1 else log
-    term = re.search(r"received SIGTERM.*?saved \S*checkpoint_last\.pt \(update (\d+)\)", first, re.S)
+    term = re.search(r"received SIGTERM.*?" + SAVED_LAST, first, re.S)
     return {**common, "urgent_job": report["urgent"], "urgent_state": job_state(report["urgent"]).get("JobState"),
-            "preempted": "DUE TO PREEMPTION" in log, "saved_on_sigterm": int(term.group(1)) if term else None}
+            "preempted": "DUE TO PREEMPTION" in log, "saved_on_sigterm": int(term.group(1) or term.group(2)) if term else None}
 
 
 def _warning_after(text: str) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -287,6 +288,26 @@ def test_interrupted_run_resumes_exactly(prepared, tmp_path, monkeypatch):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     assert (tmp_path / "resumed/config.yaml").exists() and any((tmp_path / "resumed/tb").iterdir())
+
+
+def test_a_stop_right_after_a_numbered_save_writes_nothing_again(prepared, tmp_path, monkeypatch, caplog):
+    """checkpoint_last is the numbered save's file (a hard link): a signal then costs no second
+    write of the whole state in the job's grace time."""
+    real_step = pretrain.Trainer.train_step
+
+    def step_then_signal(self, batches):
+        stats = real_step(self, batches)
+        if self.num_updates == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return stats
+
+    monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    with caplog.at_level(logging.INFO, logger="mt4ssl.train"), \
+            pytest.raises(pretrain.Preempted, match="stopped by SIGUSR1 at update 3"):
+        pretrain.train(make_cfg(prepared, tmp_path / "run", "run.save_interval=1"))
+    folder = tmp_path / "run/checkpoints"
+    assert (folder / "checkpoint_last.pt").stat().st_ino == (folder / "checkpoint_3.pt").stat().st_ino
+    assert "checkpoint_last.pt already holds update 3" in caplog.text
 
 
 def test_resume_refuses_another_model(prepared, tmp_path):

@@ -539,7 +539,7 @@ class Trainer:
     def _stop(self) -> None:
         """Save, then stop (plain signal) or hand the signal to submitit (requeue)."""
         signum, self.stop_signal = self.stop_signal, None
-        self.save()
+        self._save_last()
         distributed.barrier(self.d)  # no worker exits while rank 0 is still writing
         handler = self._previous_handlers.get(signum) if signum is not None else None
         if callable(handler) and os.environ.get("SUBMITIT_EXECUTOR"):
@@ -548,12 +548,19 @@ class Trainer:
         raise Preempted(f"stopped by {name} at update {self.num_updates}; checkpoint saved in "
                         f"{self.ckpt.folder}; run the same command again to resume")
 
+    def _save_last(self) -> None:
+        """Make checkpoint_last hold this update: written now, or already by this update's
+        numbered save (then no second write of the whole state in a job's grace time)."""
+        if self.saved_at != self.num_updates:
+            self.save()
+        elif self.d.main:
+            log.info("%s already holds update %d", self.ckpt.last, self.num_updates)
+
     def _save_and_wait(self) -> None:
         """After SIGTERM under submitit: save, then make no further update (it would be lost at
         the kill that follows) until the job is killed or submitit's USR2 comes (then requeued)."""
         self.save_soon = False
-        if self.saved_at != self.num_updates:
-            self.save()
+        self._save_last()
         log.warning("checkpoint_last holds update %d: waiting for the job to be stopped or requeued",
                     self.num_updates)
         while self.stop_signal is None:
