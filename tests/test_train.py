@@ -262,19 +262,26 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["update"]: r["loss"] for r in rows}
 
 
-def test_interrupted_run_resumes_exactly(prepared, tmp_path, monkeypatch):
-    straight = pretrain.train(make_cfg(prepared, tmp_path / "straight", "data.num_workers=1"))
-    assert straight["num_updates"] == 6
-
+def signal_after(monkeypatch, update: int, sig=signal.SIGUSR1):
+    """Make the trainer signal itself (as `scancel --signal=USR1` or a preemption would) after
+    update `update`; returns the real train_step, to put back."""
     real_step = pretrain.Trainer.train_step
 
     def step_then_signal(self, batches):
         stats = real_step(self, batches)
-        if self.num_updates == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)  # as `scancel --signal=USR1` or a preemption
+        if self.num_updates == update:
+            os.kill(os.getpid(), sig)
         return stats
 
     monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    return real_step
+
+
+def test_interrupted_run_resumes_exactly(prepared, tmp_path, monkeypatch):
+    straight = pretrain.train(make_cfg(prepared, tmp_path / "straight", "data.num_workers=1"))
+    assert straight["num_updates"] == 6
+
+    real_step = signal_after(monkeypatch, 2)
     cfg = make_cfg(prepared, tmp_path / "resumed", "data.num_workers=1")
     with pytest.raises(pretrain.Preempted, match="stopped by SIGUSR1 at update 3"):
         pretrain.train(cfg)
@@ -293,15 +300,7 @@ def test_interrupted_run_resumes_exactly(prepared, tmp_path, monkeypatch):
 def test_a_stop_right_after_a_numbered_save_writes_nothing_again(prepared, tmp_path, monkeypatch, caplog):
     """checkpoint_last is the numbered save's file (a hard link): a signal then costs no second
     write of the whole state in the job's grace time."""
-    real_step = pretrain.Trainer.train_step
-
-    def step_then_signal(self, batches):
-        stats = real_step(self, batches)
-        if self.num_updates == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return stats
-
-    monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    signal_after(monkeypatch, 2)
     with caplog.at_level(logging.INFO, logger="mt4ssl.train"), \
             pytest.raises(pretrain.Preempted, match="stopped by SIGUSR1 at update 3"):
         pretrain.train(make_cfg(prepared, tmp_path / "run", "run.save_interval=1"))
@@ -513,15 +512,7 @@ def test_init_from_takes_weights_with_a_fresh_optimizer_and_resumes_exactly(prep
         torch.testing.assert_close(value, source["model"][name], rtol=0, atol=0, msg=name)
 
     assert pretrain.train(cfg)["num_updates"] == 6
-    real_step = pretrain.Trainer.train_step
-
-    def step_then_signal(self, batches):
-        stats = real_step(self, batches)
-        if self.num_updates == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return stats
-
-    monkeypatch.setattr(pretrain.Trainer, "train_step", step_then_signal)
+    real_step = signal_after(monkeypatch, 3)
     resumed = make_cfg(prepared, tmp_path / "resumed", f"run.init_from={src}")
     with pytest.raises(pretrain.Preempted):
         pretrain.train(resumed)
