@@ -125,14 +125,14 @@ class TeacherTarget(Target):
         """EMA update after optimizer update `num_updates`: teacher = d * teacher + (1 - d) *
         student for layers and encoder LayerNorm; the positional conv is copied."""
         cfg = self.cfg
-        self.decay = keep = ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_updates)
+        self.decay = ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_updates)
         student = dict(student_encoder.named_parameters())
         for name, p in self.ema.named_parameters():
             s = student[name].detach().float()
             if name.startswith("pos_conv."):
                 p.copy_(s)
             else:
-                p.lerp_(s, 1.0 - keep)
+                p.lerp_(s, 1.0 - self.decay)
 
     @torch.no_grad()
     def targets(self, batch: TargetBatch) -> torch.Tensor:

@@ -18,9 +18,10 @@ adds to it:
   without saved EMA weights starts as a copy of the student).
 
 Validation: the losses and accuracies on `data.valid_split` per masked frame, over "pad"
-batches, with one mask per utterance (also with model.teacher.masks_per_sample > 1). The mask of an utterance is drawn by the model's sample_mask with torch's RNG seeded
-from (seed, manifest line) alone, under `fork_rng`: it does not depend on the update, the
-batches or the number of workers, and the training RNG stream is left alone.
+batches, with one mask per utterance (also with model.teacher.masks_per_sample > 1). The
+mask of an utterance is drawn by the model's sample_mask with torch's RNG seeded from (seed,
+manifest line) alone, under `fork_rng`: it does not depend on the update, the batches or the
+number of workers, and the training RNG stream is left alone.
 checkpoint_best.pt is kept by valid_loss.
 """
 
